@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Send an image to a Hugging Face model served by Triton and print what comes back.
+
+    python client.py --model_name ensemble_model
+    python client.py --model_name python_vit --image photo.jpg --url localhost:8000
+
+Needs only tritonclient[http], numpy and pillow (plus matplotlib for the default
+photo), so it runs outside this project's venv too. Exit code 0 on success, 1 when
+the server or the model is not there or the reply is malformed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MODELS = ("python_vit", "ensemble_model")
+INPUT = "image"
+
+
+def default_image() -> Path:
+    """A real photo available offline: matplotlib's sample of Grace Hopper (600 x 512)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+    except ImportError:
+        sys.exit("error: no --image given and matplotlib (which ships the sample photo) is missing")
+    return Path(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+
+
+def load_image(path: Path) -> np.ndarray:
+    """The photo as the tutorial's input contract: float32 H x W x 3, values 0..255."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32)
+
+
+def infer(url: str, model_name: str, images: np.ndarray, timeout_s: float = 60.0) -> dict:
+    """One HTTP request with a batch of images (N x H x W x 3); every output as numpy."""
+    import tritonclient.http as httpclient  # noqa: PLC0415
+    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+    client = httpclient.InferenceServerClient(
+        url=url, connection_timeout=timeout_s, network_timeout=timeout_s
+    )
+    try:
+        if not client.is_server_live():
+            raise SystemExit(f"error: Triton at {url} is not live")
+    except (ConnectionError, OSError, InferenceServerException) as e:
+        raise SystemExit(
+            f"error: no Triton server at {url} ({e}). Start one with ./run_server.sh"
+        ) from e
+    try:
+        metadata = client.get_model_metadata(model_name)
+    except InferenceServerException as e:
+        available = sorted(m["name"] for m in client.get_model_repository_index()
+                           if m.get("state") == "READY") if _index_allowed(client) else []
+        hint = f"; ready models: {', '.join(available)}" if available else ""
+        raise SystemExit(f"error: model '{model_name}' is not available at {url}: "
+                         f"{e.message()}{hint}") from e
+    tensor = httpclient.InferInput(INPUT, list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    outputs = [httpclient.InferRequestedOutput(o["name"], binary_data=True)
+               for o in metadata["outputs"]]
+    try:
+        result = client.infer(model_name, [tensor], outputs=outputs)
+    except InferenceServerException as e:
+        raise SystemExit(f"error: inference failed: {e.message()}") from e
+    return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
+
+
+def _index_allowed(client) -> bool:
+    try:
+        client.get_model_repository_index()
+        return True
+    except Exception:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name", default="ensemble_model", choices=MODELS,
+                        help="which approach to call (default: %(default)s)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="image file (default: matplotlib's grace_hopper.jpg)")
+    parser.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="send the image this many times in one request (default: 1)")
+    args = parser.parse_args(argv)
+
+    path = args.image or default_image()
+    if not path.exists():
+        parser.error(f"image {path} does not exist")
+    image = load_image(path)
+    images = np.repeat(image[None], args.batch, axis=0)
+    print(f"Sending {path.name} ({image.shape[1]}x{image.shape[0]}) x{args.batch} "
+          f"to '{args.model_name}' at {args.url}")
+    outputs = infer(args.url, args.model_name, images)
+
+    for name, value in outputs.items():
+        print(f"{name}: shape {tuple(value.shape)} {value.dtype}, "
+              f"mean {value.mean():+.4f}, std {value.std():.4f}")
+        if not np.isfinite(value).all():
+            print(f"error: {name} contains NaN or Inf", file=sys.stderr)
+            return 1
+        if value.shape[0] != args.batch:
+            print(f"error: {name} has batch {value.shape[0]}, sent {args.batch}", file=sys.stderr)
+            return 1
+    hidden = outputs.get("last_hidden_state")
+    if hidden is not None:
+        print(f"CLS embedding (first 5): {np.array2string(hidden[0, 0, :5], precision=4)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Resolve the checkpoint to serve: a Hugging Face hub id, a local directory, or the offline stand-in.
+
+Serving always happens from a local directory, so the server itself never
+touches the network: a hub id is downloaded (or found in the Hugging Face
+cache) here, before the server starts. When the hub cannot be reached, the
+default ViT checkpoint is replaced by a stand-in with the identical
+architecture and *random* weights, and that is said loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hf_triton.errors import HfTritonError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
+STANDIN_MARKER = "HF_TRITON_STANDIN.json"
+HUB_TIMEOUT_S = 10.0
+
+# What the stand-in mirrors: architecture and processor of the default checkpoint.
+_STANDIN_OF = {
+    DEFAULT_CHECKPOINT: {
+        "config": {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "image_size": 224,
+            "patch_size": 16,
+            "num_channels": 3,
+        },
+        "processor": {
+            "do_resize": True,
+            "size": {"height": 224, "width": 224},
+            "resample": 2,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+    }
+}
+
+
+class CheckpointError(HfTritonError):
+    """The checkpoint could not be found or obtained."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint that exists on local disk."""
+
+    name: str  # what the user asked for: hub id or path
+    path: Path  # local directory with config.json and weights
+    revision: str | None = None
+    standin: bool = False
+
+    def describe(self) -> str:
+        if self.standin:
+            return (
+                f"OFFLINE STAND-IN for {self.name}: same architecture, RANDOM weights "
+                f"({self.path}). Outputs are not meaningful; connect to the hub or pass "
+                f"--checkpoint DIR for real weights."
+            )
+        rev = f" @ {self.revision}" if self.revision else ""
+        return f"{self.name}{rev} ({self.path})"
+
+
+def is_standin(path: str | Path) -> bool:
+    return (Path(path) / STANDIN_MARKER).exists()
+
+
+def resolve(
+    name: str = DEFAULT_CHECKPOINT,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    allow_standin: bool = True,
+    hub_timeout_s: float = HUB_TIMEOUT_S,
+) -> Checkpoint:
+    """Turn a hub id or a local path into a local checkpoint directory.
+
+    Order: an existing local directory; the hub (or the local Hugging Face cache),
+    bounded by ``hub_timeout_s``; for known ids, the offline stand-in in ``cache_dir``.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise CheckpointError(f"{local} is a directory but has no config.json")
+        return Checkpoint(str(local), local.resolve(), revision, standin=is_standin(local))
+    if name.startswith((".", "/", "~")):
+        raise CheckpointError(f"Local checkpoint {name} does not exist")
+
+    try:
+        path = _download(name, revision, hub_timeout_s)
+        return Checkpoint(name, path, revision)
+    except Exception as e:  # the hub client raises many types for "offline"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if allow_standin and name in _STANDIN_OF:
+        log.warning("Hugging Face hub unreachable for %s (%s)", name, reason)
+        return build_standin(name, cache_dir or default_cache_dir())
+    raise CheckpointError(
+        f"Cannot obtain checkpoint {name!r} ({reason}). Pass a local directory, or check the "
+        "network / HF_HUB_OFFLINE."
+    )
+
+
+def _download(name: str, revision: str | None, timeout_s: float) -> Path:
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - heavy import
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"]
+    try:  # the cache first: no network at all when it is there
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
+    from huggingface_hub import HfApi  # noqa: PLC0415
+
+    HfApi().model_info(name, revision=revision, timeout=timeout_s)  # fail fast when offline
+    log.info("Downloading %s from the Hugging Face hub", name)
+    return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HF_TRITON_CACHE", Path.cwd() / ".cache" / "hf_triton"))
+
+
+def build_standin(name: str, cache_dir: Path, seed: int = 0) -> Checkpoint:
+    """Save a randomly initialised model with ``name``'s architecture and processor."""
+    spec = _STANDIN_OF[name]
+    path = cache_dir / "standin" / (name.replace("/", "--") + "-RANDOM-WEIGHTS")
+    if not is_standin(path):
+        log.info("Building offline stand-in for %s at %s", name, path)
+        build_vit_checkpoint(path, seed=seed, **spec["config"], processor=spec["processor"])
+        (path / STANDIN_MARKER).write_text(
+            json.dumps({"standin_for": name, "weights": "random", "seed": seed}, indent=2)
+        )
+    return Checkpoint(name, path.resolve(), standin=True)
+
+
+def build_vit_checkpoint(
+    path: Path,
+    seed: int = 0,
+    processor: dict | None = None,
+    **config_kwargs: int,
+) -> Path:
+    """Write a ViT checkpoint with random weights (``save_pretrained`` layout) to ``path``.
+
+    Used for the offline stand-in and for the tests' tiny models.
+    """
+    import torch  # noqa: PLC0415
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = ViTConfig(**config_kwargs)
+    path.mkdir(parents=True, exist_ok=True)
+    ViTModel(config).eval().save_pretrained(path)
+    ViTImageProcessor(**(processor or {})).save_pretrained(path)
+    return path

@@ -1,0 +1,136 @@
+"""Command line: ``hf-triton serve|export`` (run_server.sh and export.sh call these)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from hf_triton import checkpoints
+from hf_triton.errors import HfTritonError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hf_triton.serve import Deployment  # noqa: PLC0415
+    from hf_triton.server import ServerConfig  # noqa: PLC0415
+
+    deployment = Deployment.prepare(
+        args.checkpoint,
+        args.revision,
+        repositories=args.model_repository or None,
+        workdir=args.workdir,
+        allow_standin=not args.no_standin,
+    )
+    config = ServerConfig(
+        model_repositories=[],
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+    )
+    server = deployment.server(config)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"Starting Triton (log: {server.log_path}) ...", flush=True)
+    started = time.monotonic()
+    server.start()
+    try:
+        server.wait_ready(args.ready_timeout_s)
+        states = server.model_states()
+        print(f"Ready in {time.monotonic() - started:.1f} s on {server.http_url} "
+              f"(gRPC {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port})")
+        for name, state in sorted(states.items()):
+            print(f"  {name:<16} {state}")
+        print("Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
+              flush=True)
+        while not stopping and server.is_alive():
+            time.sleep(0.5)
+        if not stopping:
+            print(server.logs()[-3000:], file=sys.stderr)
+            print("tritonserver exited unexpectedly (log above).", file=sys.stderr)
+            return 1
+        print("Stopping ...", flush=True)
+        return 0
+    finally:
+        code = server.stop()
+        if stopping:
+            print(f"Stopped (exit code {code}).")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hf_triton import export  # noqa: PLC0415
+
+    ckpt = checkpoints.resolve(args.checkpoint, args.revision,
+                               cache_dir=args.workdir / "cache" if args.workdir else None,
+                               allow_standin=not args.no_standin)
+    print(f"Weights: {ckpt.describe()}")
+    report = export.export_onnx(ckpt.path, args.output, atol=args.atol)
+    for name, diff in report.max_abs_diff.items():
+        print(f"  {name}: max |onnx - torch| = {diff:.2e} (atol {report.atol:g})")
+    print(f"Exported and validated: {args.output}")
+    return 0
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=checkpoints.DEFAULT_CHECKPOINT,
+                   help="Hugging Face hub id or local directory (default: %(default)s)")
+    p.add_argument("--revision", default=None, help="pin a hub revision (commit sha or tag)")
+    p.add_argument("--no-standin", action="store_true",
+                   help="fail instead of using random-weight stand-in when the hub is unreachable")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="staged repositories, backends, logs, stand-in weights (default: .hf_triton)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-triton", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the model repositories on a real Triton server")
+    _add_checkpoint_args(serve)
+    serve.add_argument("--model-repository", type=Path, action="append",
+                       help="repository to serve (repeatable; default: both of this project)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--ready-timeout-s", type=float, default=600.0)
+    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.set_defaults(func=_serve)
+
+    exp = sub.add_parser("export", help="export a checkpoint to ONNX and validate it")
+    _add_checkpoint_args(exp)
+    exp.add_argument("--output", type=Path,
+                     default=Path("ensemble_model_repository/vit/1/model.onnx"))
+    exp.add_argument("--atol", type=float, default=1e-3,
+                     help="max abs difference allowed per output (default: %(default)s)")
+    exp.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except HfTritonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

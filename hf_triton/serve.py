@@ -1,0 +1,147 @@
+"""Serve the model repositories: resolve the checkpoint, export if needed, stage, launch.
+
+The source repositories stay untouched (and can be read-only). Each run stages a
+copy in the work directory in which every ``checkpoint`` parameter names the
+resolved local checkpoint, so the served config shows exactly which weights are
+in use, and the server never needs the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from hf_triton import checkpoints, export
+from hf_triton.errors import HfTritonError
+from hf_triton.server import ServerConfig, TritonServer
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORIES = (
+    PROJECT_ROOT / "python_model_repository",
+    PROJECT_ROOT / "ensemble_model_repository",
+)
+ONNX_FILENAME = "model.onnx"
+#: Files at least this large are linked into the staged copy instead of copied.
+_LINK_BYTES = 1 << 20
+
+
+class RepositoryError(HfTritonError):
+    """A model repository is missing or malformed."""
+
+
+def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    """Parse a config.pbtxt with Triton's own schema."""
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{path}: not a valid Triton model config: {e}") from e
+
+
+def onnx_models(repository: Path) -> list[Path]:
+    """Model directories served by ONNX Runtime: a version folder meant for ``model.onnx``.
+
+    A directory without config.pbtxt is one (its config is auto-completed from the graph).
+    """
+    found = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
+        config_path = model_dir / "config.pbtxt"
+        if config_path.exists():
+            cfg = read_config(config_path)
+            if cfg.backend != "onnxruntime" and cfg.platform != "onnxruntime_onnx":
+                continue
+        found.append(model_dir)
+    return found
+
+
+def ensure_exported(model_dir: Path, checkpoint: checkpoints.Checkpoint, version: str = "1") -> Path:
+    """Export ``checkpoint`` into ``model_dir/<version>/model.onnx`` unless it is already current."""
+    path = model_dir / version / ONNX_FILENAME
+    recorded = export.exported_checkpoint(path)
+    if recorded == str(checkpoint.path):
+        log.info("%s is current (exported from %s)", path, recorded)
+        return path
+    if recorded is None and path.exists():
+        log.warning("%s has no export record; re-exporting from %s", path, checkpoint.path)
+    elif recorded is not None:
+        log.warning("%s was exported from %s; re-exporting from %s", path, recorded, checkpoint.path)
+    print(f"Exporting {checkpoint.name} to {path} (once; later runs reuse it) ...", flush=True)
+    report = export.export_onnx(checkpoint.path, path)
+    for name, diff in report.max_abs_diff.items():
+        print(f"  validated {name}: max |onnx - torch| = {diff:.2e} (atol {report.atol:g})")
+    return path
+
+
+def stage(repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoint) -> list[Path]:
+    """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    staged = []
+    for repo in repositories:
+        if not repo.is_dir():
+            raise RepositoryError(f"Model repository {repo} does not exist")
+        target = dest / repo.name
+        shutil.copytree(repo, target, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns("__pycache__", ".gitkeep", "*.tmp*"))
+        for config_path in target.glob("*/config.pbtxt"):
+            cfg = read_config(config_path)
+            if "checkpoint" in cfg.parameters:
+                cfg.parameters["checkpoint"].string_value = str(checkpoint.path)
+                if checkpoint.revision:
+                    cfg.parameters["revision"].string_value = checkpoint.revision
+                config_path.unlink()  # never write through a link into the source
+                config_path.write_text(text_format.MessageToString(cfg))
+        staged.append(target)
+    return staged
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.getsize(src) >= _LINK_BYTES:
+        os.symlink(os.path.realpath(src), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class Deployment:
+    """Everything needed to start a server for a set of repositories and one checkpoint."""
+
+    checkpoint: checkpoints.Checkpoint
+    repositories: list[Path]
+    workdir: Path
+
+    @classmethod
+    def prepare(
+        cls,
+        checkpoint: str = checkpoints.DEFAULT_CHECKPOINT,
+        revision: str | None = None,
+        repositories: list[Path] | None = None,
+        workdir: Path | None = None,
+        allow_standin: bool = True,
+    ) -> Deployment:
+        """Resolve weights, export stale ONNX models, and stage the repositories."""
+        workdir = (workdir or PROJECT_ROOT / ".hf_triton").resolve()
+        sources = [Path(r).resolve() for r in (repositories or DEFAULT_REPOSITORIES)]
+        ckpt = checkpoints.resolve(
+            checkpoint, revision, cache_dir=workdir / "cache", allow_standin=allow_standin
+        )
+        print(f"Weights: {ckpt.describe()}", flush=True)
+        for repo in sources:
+            for model_dir in onnx_models(repo):
+                ensure_exported(model_dir, ckpt)
+        staged = stage(sources, workdir / "repositories", ckpt)
+        return cls(ckpt, staged, workdir)
+
+    def server(self, config: ServerConfig | None = None) -> TritonServer:
+        config = config or ServerConfig(model_repositories=[])
+        config.model_repositories = list(self.repositories)
+        # Every checkpoint is local by now: keep the server off the network.
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        return TritonServer(config, self.workdir, env=env)

@@ -1,0 +1,348 @@
+"""Run the real Triton Inference Server bundled in the ``nvidia-pytriton`` wheel.
+
+One job: find the server binary, its libraries and the Python-backend stub for
+*this* interpreter, assemble a backend directory (python backend + the
+Python-based ``onnxruntime`` backend shipped in this package), build the argv
+from known flags, start the process, wait until it is ready, and stop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hf_triton.errors import HfTritonError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_BACKENDS = Path(__file__).parent / "backends"
+
+
+class ServerError(HfTritonError):
+    """The server could not be found, started or reached."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the pieces of the bundled Triton server live."""
+
+    server: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def locate(cls) -> TritonDistribution:
+        """Find the server in the installed ``nvidia-pytriton`` wheel."""
+        try:
+            import pytriton  # noqa: PLC0415
+        except ImportError as e:
+            raise ServerError(
+                "The Triton server binary comes from the 'nvidia-pytriton' wheel, which is "
+                "not installed in this environment. Run ./run_server.sh (it creates .venv) "
+                "or `pip install -e .`."
+            ) from e
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        dist = cls(
+            server=root / "bin" / "tritonserver",
+            libs=root.parent.parent / "nvidia_pytriton.libs",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        )
+        for what, path in (
+            ("tritonserver binary", dist.server),
+            ("shared libraries", dist.libs),
+            ("python backend", dist.python_backend / "libtriton_python.so"),
+            (f"python backend stub for Python {version}", dist.stub),
+        ):
+            if not path.exists():
+                raise ServerError(f"Missing {what}: {path} (reinstall nvidia-pytriton==0.7.0)")
+        log.debug("Triton server: %s", dist.server)
+        return dist
+
+    def check_libpython(self) -> None:
+        """Fail plainly when the stub would load a different libpython than this interpreter.
+
+        The stub links the system's shared ``libpython3.X.so.1.0``. A venv made from
+        another build of the same minor version (e.g. pyenv) loads numpy but breaks
+        on ``ssl`` inside the model with ``undefined symbol`` errors.
+        """
+        env = dict(os.environ, LD_LIBRARY_PATH=str(self.libs))
+        out = subprocess.run(
+            ["ldd", str(self.stub)], capture_output=True, text=True, env=env, check=False
+        ).stdout
+        match = re.search(r"(libpython3\.\d+\S*)\s+=>\s+(\S+)", out)
+        soname = match.group(1) if match else f"libpython{sys.version_info[0]}.{sys.version_info[1]}"
+        fix = (
+            f"Create the venv with the system interpreter that owns {soname}, e.g. "
+            f"`rm -rf .venv && /usr/bin/python3.{sys.version_info[1]} -m venv .venv`, "
+            f"or install it: `apt-get install libpython3.{sys.version_info[1]}`."
+        )
+        if not match or match.group(2) == "not":
+            raise ServerError(f"The Python-backend stub needs {soname}, which was not found. {fix}")
+        stub_lib = Path(match.group(2)).resolve()
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        soname_here = sysconfig.get_config_var("INSTSONAME") or ""
+        own_lib = Path(libdir, soname_here).resolve() if libdir and soname_here else None
+        if own_lib is None or not own_lib.exists() or own_lib != stub_lib:
+            raise ServerError(
+                f"libpython mismatch: this interpreter is {sys.executable} "
+                f"(Python {sys.version.split()[0]}, shared library: {own_lib or 'none, static'}), "
+                f"but the Triton Python-backend stub loads {stub_lib}. Models importing "
+                f"transformers would fail with 'undefined symbol'. {fix}"
+            )
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def assemble_backends(workdir: Path, dist: TritonDistribution) -> Path:
+    """Build ``workdir/backends`` holding the python backend and the Python-based onnxruntime one."""
+    backends = workdir / "backends"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    # Copies, not symlinks: Triton refuses backend files whose real path escapes the
+    # backend directory.
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        _copy(dist.python_backend / name, python_dir / name)
+    _copy(dist.stub, python_dir / "triton_python_backend_stub")
+    for backend in PACKAGE_BACKENDS.iterdir():
+        if (backend / "model.py").exists():
+            (backends / backend.name).mkdir(exist_ok=True)
+            _copy(backend / "model.py", backends / backend.name / "model.py")
+    return backends
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if dst.is_symlink():
+        dst.unlink()
+    if dst.exists() and dst.read_bytes() == src.read_bytes():
+        return
+    shutil.copy2(src, dst)
+
+
+@dataclass
+class ServerConfig:
+    """The flags we pass to ``tritonserver``; everything else keeps Triton's default."""
+
+    model_repositories: list[Path]
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    default_max_batch_size: int = 8
+    exit_timeout_s: int = 30
+    log_verbose: int = 0
+    # e.g. {"model-repository,shared-memory": "admin-key=SECRET"}
+    http_restricted_api: dict[str, str] = field(default_factory=dict)
+    grpc_restricted_protocol: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+
+    def argv(self, server: Path, backends: Path) -> list[str]:
+        args = [str(server)]
+        args += [f"--model-repository={p}" for p in self.model_repositories]
+        args += [
+            f"--backend-directory={backends}",
+            # The Python-based onnxruntime backend reads this flag back, as the native one does.
+            f"--backend-config=default-max-batch-size={self.default_max_batch_size}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        args += [f"--http-restricted-api={k}:{v}" for k, v in self.http_restricted_api.items()]
+        args += [
+            f"--grpc-restricted-protocol={k}:{v}" for k, v in self.grpc_restricted_protocol.items()
+        ]
+        return args + list(self.extra_args)
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: the server gets SIGTERM if the launcher dies, so no orphan keeps the ports.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class TritonServer:
+    """A ``tritonserver`` child process: start, wait until ready, stop.
+
+    Usable as a context manager; the process is always stopped on exit.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        workdir: Path,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.extra_env = dict(env or {})
+        self.log_path = log_path or self.workdir / "tritonserver.log"
+        self.dist = TritonDistribution.locate()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"http://{host}:{self.config.http_port}"
+
+    def start(self) -> None:
+        self.dist.check_libpython()
+        for name in ("http", "grpc", "metrics"):
+            port = getattr(self.config, f"{name}_port")
+            if port_in_use(self.config.host, port):
+                raise ServerError(
+                    f"Port {port} ({name}) on {self.config.host} is already in use - is another "
+                    f"server running? Stop it or choose another port (--{name}-port)."
+                )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        backends = assemble_backends(self.workdir, self.dist)
+        env = {**os.environ, **self.extra_env}
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(self.dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        # The stub runs `python` models with this venv's packages: its bin/ goes first.
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        argv = self.config.argv(self.dist.server, backends)
+        log.info("Starting %s", " ".join(argv))
+        log_file = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child's lifetime
+        self._proc = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            preexec_fn=_die_with_parent,
+        )
+        log_file.close()
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Poll ``/v2/health/ready`` until 200, the process dies, or the deadline passes."""
+        deadline = time.monotonic() + timeout_s
+        url = f"{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                raise ServerError(self._failure_report("exited during start-up"))
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise ServerError(self._failure_report(f"was not ready after {timeout_s:.0f} s"))
+
+    def _failure_report(self, what: str) -> str:
+        text = self.logs()
+        failures = model_load_failures(text)
+        lines = [f"tritonserver {what} (log: {self.log_path})."]
+        if failures:
+            lines.append("Models that failed to load:")
+            lines += [f"  {name}: {reason}" for name, reason in failures.items()]
+        else:
+            tail = "\n".join(text.strip().splitlines()[-25:])
+            lines.append(f"Last log lines:\n{tail}")
+        return "\n".join(lines)
+
+    def model_states(self) -> dict[str, str]:
+        """Model name -> state, from the repository index (needs the model-repository API)."""
+        req = urllib.request.Request(
+            f"{self.http_url}/v2/repository/index", data=b"{}", method="POST"
+        )
+        for header in self.config.http_restricted_api.values():
+            key, _, value = header.partition("=")
+            req.add_header(key, value)
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return {m["name"]: m.get("state", "") for m in json.load(r)}
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGINT, wait for the drain (``--exit-timeout-secs`` + margin), then SIGKILL."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout_s if timeout_s is not None else self.config.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in time; killing it")
+                self._proc.kill()
+                self._proc.wait()
+        return self._proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_LOAD_FAIL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
+_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*UNAVAILABLE:\s*(.*?)\s*\|?$")
+
+
+def model_load_failures(log_text: str) -> dict[str, str]:
+    """Model name -> reason, from Triton's start-up log."""
+    failures: dict[str, str] = {}
+    for line in log_text.splitlines():
+        m = _LOAD_FAIL.search(line) or _TABLE_ROW.match(line.strip())
+        if m and m.group(1) not in failures:
+            failures[m.group(1)] = m.group(2).strip()
+    return failures

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create .venv with the interpreter whose shared libpython the Triton Python-backend stub
+# links (the system's /usr/bin/python3.X), and install the pinned dependencies.
+# Idempotent: a second run only checks. Usage: scripts/setup_venv.sh [--dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${HF_TRITON_VENV:-.venv}
+EXTRAS=""
+[[ "${1:-}" == "--dev" ]] && EXTRAS="[dev]"
+
+pick_python() {
+  # The stub is built per minor version and links libpython3.X.so.1.0; only an
+  # interpreter that *is* that shared library works inside Triton.
+  if [[ -n "${HF_TRITON_PYTHON:-}" ]]; then echo "$HF_TRITON_PYTHON"; return; fi
+  for v in 3.11 3.12 3.10 3.13; do
+    if [[ -x /usr/bin/python$v ]] && ls /usr/lib/*/libpython$v.so.1.0 /usr/lib/libpython$v.so.1.0 >/dev/null 2>&1; then
+      echo /usr/bin/python$v; return
+    fi
+  done
+  return 1
+}
+
+stamp="$VENV/.hf_triton_installed$EXTRAS"
+if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]]; then
+  exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  if ! PY=$(pick_python); then
+    cat >&2 <<MSG
+error: no system Python with a shared libpython was found.
+The Triton Python-backend stub links /usr/lib/<arch>/libpython3.X.so.1.0, so the venv
+must be created from that interpreter. On Debian/Ubuntu:
+    apt-get install python3.11 python3.11-venv libpython3.11
+or point HF_TRITON_PYTHON at a matching interpreter.
+MSG
+    exit 1
+  fi
+  echo "Creating $VENV with $PY ($($PY --version 2>&1))"
+  if ! "$PY" -m venv "$VENV"; then
+    echo "error: '$PY -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2
+    exit 1
+  fi
+fi
+
+echo "Installing pinned dependencies into $VENV (first run: a few minutes) ..."
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --progress-bar off \
+  -e ".$EXTRAS" 2>&1 | grep -v "is ignored: it is neither" || true
+"$VENV/bin/python" -c "import tritonclient, transformers, torch, onnxruntime, pytriton" \
+  || { echo "error: installing the dependencies failed (see above)" >&2; exit 1; }
+touch "$stamp"
