@@ -55,15 +55,22 @@ def infer(url: str, model_name: str, images: np.ndarray, timeout_s: float = 60.0
     try:
         metadata = client.get_model_metadata(model_name)
     except InferenceServerException as e:
-        available = sorted(m["name"] for m in client.get_model_repository_index()
-                           if m.get("state") == "READY") if _index_allowed(client) else []
+        available = (
+            sorted(
+                m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"
+            )
+            if _index_allowed(client)
+            else []
+        )
         hint = f"; ready models: {', '.join(available)}" if available else ""
-        raise SystemExit(f"error: model '{model_name}' is not available at {url}: "
-                         f"{e.message()}{hint}") from e
+        raise SystemExit(
+            f"error: model '{model_name}' is not available at {url}: {e.message()}{hint}"
+        ) from e
     tensor = httpclient.InferInput(INPUT, list(images.shape), "FP32")
     tensor.set_data_from_numpy(images, binary_data=True)
-    outputs = [httpclient.InferRequestedOutput(o["name"], binary_data=True)
-               for o in metadata["outputs"]]
+    outputs = [
+        httpclient.InferRequestedOutput(o["name"], binary_data=True) for o in metadata["outputs"]
+    ]
     try:
         result = client.infer(model_name, [tensor], outputs=outputs)
     except InferenceServerException as e:
@@ -81,13 +88,25 @@ def _index_allowed(client) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_name", default="ensemble_model", choices=MODELS,
-                        help="which approach to call (default: %(default)s)")
-    parser.add_argument("--image", type=Path, default=None,
-                        help="image file (default: matplotlib's grace_hopper.jpg)")
+    parser.add_argument(
+        "--model_name",
+        default="ensemble_model",
+        choices=MODELS,
+        help="which approach to call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="image file (default: matplotlib's grace_hopper.jpg)",
+    )
     parser.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="send the image this many times in one request (default: 1)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="send the image this many times in one request (default: 1)",
+    )
     args = parser.parse_args(argv)
 
     path = args.image or default_image()
@@ -95,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"image {path} does not exist")
     image = load_image(path)
     images = np.repeat(image[None], args.batch, axis=0)
-    print(f"Sending {path.name} ({image.shape[1]}x{image.shape[0]}) x{args.batch} "
-          f"to '{args.model_name}' at {args.url}")
+    print(
+        f"Sending {path.name} ({image.shape[1]}x{image.shape[0]}) x{args.batch} "
+        f"to '{args.model_name}' at {args.url}"
+    )
     outputs = infer(args.url, args.model_name, images)
 
     for name, value in outputs.items():
-        print(f"{name}: shape {tuple(value.shape)} {value.dtype}, "
-              f"mean {value.mean():+.4f}, std {value.std():.4f}")
+        print(
+            f"{name}: shape {tuple(value.shape)} {value.dtype}, "
+            f"mean {value.mean():+.4f}, std {value.std():.4f}"
+        )
         if not np.isfinite(value).all():
             print(f"error: {name} contains NaN or Inf", file=sys.stderr)
             return 1

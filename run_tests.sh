@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup_venv.sh --dev
-echo "== ruff" && .venv/bin/ruff check hf_triton tests client.py python_model_repository ensemble_model_repository
+SOURCES=(hf_triton tests client.py python_model_repository ensemble_model_repository)
+echo "== ruff" && .venv/bin/ruff check "${SOURCES[@]}" && .venv/bin/ruff format --check "${SOURCES[@]}"
 echo "== mypy" && .venv/bin/mypy hf_triton
 echo "== pytest" && exec .venv/bin/python -m pytest -v -rs "$@"

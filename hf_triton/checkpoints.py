@@ -1,4 +1,4 @@
-"""Resolve the checkpoint to serve: a Hugging Face hub id, a local directory, or the offline stand-in.
+"""Resolve the checkpoint to serve: a hub id, a local directory, or the offline stand-in.
 
 Serving always happens from a local directory, so the server itself never
 touches the network: a hub id is downloaded (or found in the Hugging Face
@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hf_triton.errors import HfTritonError
 
@@ -24,7 +25,7 @@ STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 HUB_TIMEOUT_S = 10.0
 
 # What the stand-in mirrors: architecture and processor of the default checkpoint.
-_STANDIN_OF = {
+_STANDIN_OF: dict[str, dict[str, dict[str, Any]]] = {
     DEFAULT_CHECKPOINT: {
         "config": {
             "hidden_size": 768,
@@ -116,8 +117,11 @@ def _download(name: str, revision: str | None, timeout_s: float) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"]
     try:  # the cache first: no network at all when it is there
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns,
-                                      local_files_only=True))
+        return Path(
+            snapshot_download(
+                name, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
+        )
     except Exception:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise
@@ -150,8 +154,8 @@ def build_standin(name: str, cache_dir: Path, seed: int = 0) -> Checkpoint:
 def build_vit_checkpoint(
     path: Path,
     seed: int = 0,
-    processor: dict | None = None,
-    **config_kwargs: int,
+    processor: dict[str, Any] | None = None,
+    **config_kwargs: Any,
 ) -> Path:
     """Write a ViT checkpoint with random weights (``save_pretrained`` layout) to ``path``.
 

@@ -47,12 +47,16 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server.wait_ready(args.ready_timeout_s)
         states = server.model_states()
-        print(f"Ready in {time.monotonic() - started:.1f} s on {server.http_url} "
-              f"(gRPC {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port})")
+        print(
+            f"Ready in {time.monotonic() - started:.1f} s on {server.http_url} "
+            f"(gRPC {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port})"
+        )
         for name, state in sorted(states.items()):
             print(f"  {name:<16} {state}")
-        print("Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
-              flush=True)
+        print(
+            "Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
+            flush=True,
+        )
         while not stopping and server.is_alive():
             time.sleep(0.5)
         if not stopping:
@@ -70,9 +74,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hf_triton import export  # noqa: PLC0415
 
-    ckpt = checkpoints.resolve(args.checkpoint, args.revision,
-                               cache_dir=args.workdir / "cache" if args.workdir else None,
-                               allow_standin=not args.no_standin)
+    ckpt = checkpoints.resolve(
+        args.checkpoint,
+        args.revision,
+        cache_dir=args.workdir / "cache" if args.workdir else None,
+        allow_standin=not args.no_standin,
+    )
     print(f"Weights: {ckpt.describe()}")
     report = export.export_onnx(ckpt.path, args.output, atol=args.atol)
     for name, diff in report.max_abs_diff.items():
@@ -82,13 +89,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=checkpoints.DEFAULT_CHECKPOINT,
-                   help="Hugging Face hub id or local directory (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint",
+        default=checkpoints.DEFAULT_CHECKPOINT,
+        help="Hugging Face hub id or local directory (default: %(default)s)",
+    )
     p.add_argument("--revision", default=None, help="pin a hub revision (commit sha or tag)")
-    p.add_argument("--no-standin", action="store_true",
-                   help="fail instead of using random-weight stand-in when the hub is unreachable")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="staged repositories, backends, logs, stand-in weights (default: .hf_triton)")
+    p.add_argument(
+        "--no-standin",
+        action="store_true",
+        help="fail instead of using random-weight stand-in when the hub is unreachable",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="staged repositories, backends, logs, stand-in weights (default: .hf_triton)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model repositories on a real Triton server")
     _add_checkpoint_args(serve)
-    serve.add_argument("--model-repository", type=Path, action="append",
-                       help="repository to serve (repeatable; default: both of this project)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)")
+    serve.add_argument(
+        "--model-repository",
+        type=Path,
+        action="append",
+        help="repository to serve (repeatable; default: both of this project)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)",
+    )
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
@@ -111,10 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX and validate it")
     _add_checkpoint_args(exp)
-    exp.add_argument("--output", type=Path,
-                     default=Path("ensemble_model_repository/vit/1/model.onnx"))
-    exp.add_argument("--atol", type=float, default=1e-3,
-                     help="max abs difference allowed per output (default: %(default)s)")
+    exp.add_argument(
+        "--output", type=Path, default=Path("ensemble_model_repository/vit/1/model.onnx")
+    )
+    exp.add_argument(
+        "--atol",
+        type=float,
+        default=1e-3,
+        help="max abs difference allowed per output (default: %(default)s)",
+    )
     exp.set_defaults(func=_export)
     return parser
 

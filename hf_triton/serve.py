@@ -61,8 +61,10 @@ def onnx_models(repository: Path) -> list[Path]:
     return found
 
 
-def ensure_exported(model_dir: Path, checkpoint: checkpoints.Checkpoint, version: str = "1") -> Path:
-    """Export ``checkpoint`` into ``model_dir/<version>/model.onnx`` unless it is already current."""
+def ensure_exported(
+    model_dir: Path, checkpoint: checkpoints.Checkpoint, version: str = "1"
+) -> Path:
+    """Export ``checkpoint`` to ``model_dir/<version>/model.onnx`` unless that is current."""
     path = model_dir / version / ONNX_FILENAME
     recorded = export.exported_checkpoint(path)
     if recorded == str(checkpoint.path):
@@ -71,7 +73,9 @@ def ensure_exported(model_dir: Path, checkpoint: checkpoints.Checkpoint, version
     if recorded is None and path.exists():
         log.warning("%s has no export record; re-exporting from %s", path, checkpoint.path)
     elif recorded is not None:
-        log.warning("%s was exported from %s; re-exporting from %s", path, recorded, checkpoint.path)
+        log.warning(
+            "%s was exported from %s; re-exporting from %s", path, recorded, checkpoint.path
+        )
     print(f"Exporting {checkpoint.name} to {path} (once; later runs reuse it) ...", flush=True)
     report = export.export_onnx(checkpoint.path, path)
     for name, diff in report.max_abs_diff.items():
@@ -88,8 +92,12 @@ def stage(repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoi
         if not repo.is_dir():
             raise RepositoryError(f"Model repository {repo} does not exist")
         target = dest / repo.name
-        shutil.copytree(repo, target, copy_function=_link_or_copy,
-                        ignore=shutil.ignore_patterns("__pycache__", ".gitkeep", "*.tmp*"))
+        shutil.copytree(
+            repo,
+            target,
+            copy_function=_link_or_copy,
+            ignore=shutil.ignore_patterns("__pycache__", ".gitkeep", "*.tmp*"),
+        )
         for config_path in target.glob("*/config.pbtxt"):
             cfg = read_config(config_path)
             if "checkpoint" in cfg.parameters:

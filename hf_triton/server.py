@@ -88,7 +88,9 @@ class TritonDistribution:
             ["ldd", str(self.stub)], capture_output=True, text=True, env=env, check=False
         ).stdout
         match = re.search(r"(libpython3\.\d+\S*)\s+=>\s+(\S+)", out)
-        soname = match.group(1) if match else f"libpython{sys.version_info[0]}.{sys.version_info[1]}"
+        soname = (
+            match.group(1) if match else f"libpython{sys.version_info[0]}.{sys.version_info[1]}"
+        )
         fix = (
             f"Create the venv with the system interpreter that owns {soname}, e.g. "
             f"`rm -rf .venv && /usr/bin/python3.{sys.version_info[1]} -m venv .venv`, "
@@ -127,7 +129,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def assemble_backends(workdir: Path, dist: TritonDistribution) -> Path:
-    """Build ``workdir/backends`` holding the python backend and the Python-based onnxruntime one."""
+    """Build ``workdir/backends``: the python backend and the Python-based onnxruntime one."""
     backends = workdir / "backends"
     python_dir = backends / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,9 @@ class TritonServer:
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
             try:
-                self._proc.wait(timeout_s if timeout_s is not None else self.config.exit_timeout_s + 10)
+                self._proc.wait(
+                    timeout_s if timeout_s is not None else self.config.exit_timeout_s + 10
+                )
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop in time; killing it")
                 self._proc.kill()

@@ -106,9 +106,7 @@ class TritonPythonModel:
         graph = onnx.load(path, load_external_data=False).graph
         inputs, outputs = _value_infos(graph)
         tensors = inputs + outputs
-        batching = bool(tensors) and all(
-            len(_dims(t)) > 0 and _dims(t)[0] == -1 for t in tensors
-        )
+        batching = bool(tensors) and all(len(_dims(t)) > 0 and _dims(t)[0] == -1 for t in tensors)
         max_batch_size = config.get("max_batch_size", 0)
         if max_batch_size == 0 and batching:
             max_batch_size = _server_default_max_batch_size()

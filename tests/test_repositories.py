@@ -1,0 +1,45 @@
+"""The repositories as Triton reads them: configs valid under Triton's schema, one model.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hf_triton.serve import DEFAULT_REPOSITORIES, onnx_models, read_config
+
+CONFIGS = sorted(p for repo in DEFAULT_REPOSITORIES for p in repo.glob("*/config.pbtxt"))
+
+
+def test_repositories_have_the_tutorial_layout():
+    names = {p.parent.name for p in CONFIGS}
+    assert names == {"python_vit", "preprocessing", "ensemble_model"}
+    # vit has no config.pbtxt: ONNX Runtime auto-completes it from model.onnx.
+    vit = [m.name for repo in DEFAULT_REPOSITORIES for m in onnx_models(repo)]
+    assert vit == ["vit"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
+def test_config_parses_with_triton_schema(path: Path):
+    cfg = read_config(path)
+    assert cfg.name == path.parent.name
+    if cfg.platform != "ensemble":
+        assert cfg.parameters["checkpoint"].string_value == "google/vit-base-patch16-224-in21k"
+    assert cfg.max_batch_size == 8
+
+
+def test_python_models_are_one_file():
+    """preprocessing and python_vit share one model.py (role chosen by the config's outputs)."""
+    a, b = (repo.glob("*/1/model.py") for repo in DEFAULT_REPOSITORIES)
+    texts = {p.read_text() for p in [*a, *b]}
+    assert len(texts) == 1
+
+
+def test_ensemble_wires_named_tensors():
+    ensemble = read_config(DEFAULT_REPOSITORIES[1] / "ensemble_model" / "config.pbtxt")
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["preprocessing", "vit"]
+    assert dict(steps[1].output_map) == {
+        "last_hidden_state": "last_hidden_state",
+        "pooler_output": "pooler_output",
+    }

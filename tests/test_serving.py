@@ -1,0 +1,136 @@
+"""Both tutorial approaches, served by the real Triton server, against transformers itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from hf_triton.serve import PROJECT_ROOT
+
+MODELS = ["python_vit", "ensemble_model"]
+#: Max |served - transformers|: python_vit runs the same PyTorch code (batching may
+#: change the kernel's summation order); the ensemble runs ONNX Runtime, held to the
+#: tutorial's export bound.
+ATOL = {"python_vit": 1e-4, "ensemble_model": 1e-3}
+OUTPUTS = ["last_hidden_state", "pooler_output"]
+
+
+def infer(url: str, model: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+    tensor = httpclient.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images.astype(np.float32))
+    result = client.infer(model, [tensor])
+    return {name: result.as_numpy(name) for name in OUTPUTS}
+
+
+def assert_close(got: dict, want: dict, atol: float) -> None:
+    for name in OUTPUTS:
+        assert got[name].shape == want[name].shape, name
+        diff = float(np.max(np.abs(got[name] - want[name])))
+        assert diff <= atol, f"{name}: max |served - transformers| = {diff:.3g} > {atol}"
+
+
+def synthetic(seed: int, height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, 3)).astype(np.float32)
+
+
+def test_all_models_ready(server):
+    client = httpclient.InferenceServerClient(url=server.url)
+    states = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+    assert states == {m: "READY" for m in ("python_vit", "preprocessing", "vit", "ensemble_model")}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_photo_matches_transformers(server, reference, photo, model):
+    got = infer(server.url, model, photo[None])
+    assert got["last_hidden_state"].shape == (1, 50, 32)  # 7x7 patches + CLS, tiny hidden
+    assert_close(got, reference([photo]), ATOL[model])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_one_request_three_images(server, reference, photo, model):
+    # Distinct images: a batch bug (np.squeeze, mixing items up) cannot pass.
+    images = np.stack([photo, photo[:, ::-1], synthetic(1, *photo.shape[:2])])
+    got = infer(server.url, model, images)
+    assert got["last_hidden_state"].shape[0] == 3
+    assert_close(got, reference(list(images)), ATOL[model])
+    assert not np.allclose(got["pooler_output"][0], got["pooler_output"][2])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_eight_concurrent_requests(server, reference, model):
+    images = [synthetic(seed, 64 + seed, 80) for seed in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda im: infer(server.url, model, im[None]), images))
+    for image, got in zip(images, results, strict=True):
+        assert_close(got, reference([image]), ATOL[model])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_both_approaches_agree(server, photo, model):
+    other = MODELS[1 - MODELS.index(model)]
+    a, b = infer(server.url, model, photo[None]), infer(server.url, other, photo[None])
+    assert_close(a, b, max(ATOL.values()))
+
+
+def test_vit_config_auto_completed_from_onnx(server):
+    client = httpclient.InferenceServerClient(url=server.url)
+    cfg = client.get_model_config("vit")
+    assert cfg["backend"] == "onnxruntime"
+    assert cfg["max_batch_size"] == 8  # --backend-config=default-max-batch-size from the launcher
+    assert "dynamic_batching" in cfg
+    assert [i["name"] for i in cfg["input"]] == ["pixel_values"]
+    assert [i["dims"] for i in cfg["input"]] == [["3", "224", "224"]] or [
+        i["dims"] for i in cfg["input"]
+    ] == [[3, 224, 224]]
+    assert sorted(o["name"] for o in cfg["output"]) == sorted(OUTPUTS)
+
+
+def test_served_config_names_the_weights(server):
+    client = httpclient.InferenceServerClient(url=server.url)
+    for model in ("python_vit", "preprocessing"):
+        params = client.get_model_config(model)["parameters"]
+        assert params["checkpoint"]["string_value"] == str(server.checkpoint.resolve())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_bad_pixels_rejected_and_server_keeps_serving(server, photo, model):
+    bad = photo.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InferenceServerException) as err:
+        infer(server.url, model, bad[None])
+    assert "image" in err.value.message() and "NaN" in err.value.message()
+    assert err.value.status() == "400"
+    assert infer(server.url, model, photo[None])["last_hidden_state"].shape[0] == 1
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_client_script(server, model):
+    run = subprocess.run(
+        [sys.executable, "client.py", "--model_name", model, "--url", server.url, "--batch", "2"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "last_hidden_state: shape (2, 50, 32)" in run.stdout
+
+
+def test_client_reports_missing_server():
+    run = subprocess.run(
+        [sys.executable, "client.py", "--url", "127.0.0.1:9"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "no Triton server at 127.0.0.1:9" in run.stderr
