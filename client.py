@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model_name",
         default="ensemble_model",
-        choices=MODELS,
-        help="which approach to call (default: %(default)s)",
+        help=f"model to call: {' or '.join(MODELS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--image",
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     image = load_image(path)
     images = np.repeat(image[None], args.batch, axis=0)
     print(
-        f"Sending {path.name} ({image.shape[1]}x{image.shape[0]}) x{args.batch} "
+        f"Sending {path.name} ({image.shape[1]}x{image.shape[0]} px) x{args.batch} "
         f"to '{args.model_name}' at {args.url}"
     )
     outputs = infer(args.url, args.model_name, images)

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,11 @@ def export_onnx(
     tmp = Path(tmp_name)
     try:
         log.info("Exporting %s to ONNX (opset %d)", checkpoint, opset)
-        with torch.inference_mode():
+        # The tracer warns about Python-level shape checks in modeling code; they are
+        # constant for a fixed image size and the validation below catches any that matter.
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
             torch.onnx.export(
                 _traceable(model, names),
                 (example,),

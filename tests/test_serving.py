@@ -134,3 +134,16 @@ def test_client_reports_missing_server():
     )
     assert run.returncode == 1
     assert "no Triton server at 127.0.0.1:9" in run.stderr
+
+
+def test_client_reports_unknown_model(server):
+    run = subprocess.run(
+        [sys.executable, "client.py", "--model_name", "nope", "--url", server.url],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "model 'nope' is not available" in run.stderr
+    assert "ensemble_model" in run.stderr  # lists what is there
