@@ -13,8 +13,12 @@ pick_python() {
   # The stub is built per minor version and links libpython3.X.so.1.0; only an
   # interpreter that *is* that shared library works inside Triton.
   if [[ -n "${HF_TRITON_PYTHON:-}" ]]; then echo "$HF_TRITON_PYTHON"; return; fi
+  local v
   for v in 3.11 3.12 3.10 3.13; do
-    if [[ -x /usr/bin/python$v ]] && ls /usr/lib/*/libpython$v.so.1.0 /usr/lib/libpython$v.so.1.0 >/dev/null 2>&1; then
+    if [[ -x /usr/bin/python$v ]] && /usr/bin/python$v -c '
+import os, sys, sysconfig
+lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+sys.exit(0 if lib.endswith(".so.1.0") and os.path.exists(lib) else 1)' 2>/dev/null; then
       echo /usr/bin/python$v; return
     fi
   done
