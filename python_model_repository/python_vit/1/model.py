@@ -7,31 +7,107 @@ The same file serves two roles, told apart by the outputs declared in config.pbt
 * ``preprocessing`` (ensemble_model_repository): processor only; the one output is
   ``pixel_values``, fed to the ONNX model by the ensemble.
 
+Images arrive in one of three optional inputs, exactly one per request:
+``image`` (FP32 H x W x 3, 0..255: the tutorial's contract), ``image_uint8`` (UINT8, 4x fewer
+bytes) or ``image_bytes`` (BYTES, one encoded JPEG/PNG per batch item; sizes may differ).
+
+Preprocessing has two paths: ``reference`` is the checkpoint's Hugging Face image processor;
+``vectorized`` resizes each image with the same PIL filter, then rescales and normalises the
+whole batch in one numpy expression. It is used when the processor is a plain
+resize/rescale/normalise one (ViT, DeiT, ...) and matches the reference to ~1e-6.
+
 config.pbtxt is the source of truth: tensor names and dtypes, the checkpoint (hub id or
-local directory), its revision and the image-processor backend come from it. The file
+local directory), its revision, the image-processor backend and the preprocessing path. The file
 depends on numpy, torch, transformers and Triton's ``triton_python_backend_utils`` only,
 so the repository runs unchanged in NVIDIA's container.
 """
 
+import io
 import json
 import os
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 IMAGE = "image"
+IMAGE_UINT8 = "image_uint8"
+IMAGE_BYTES = "image_bytes"
+IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
 PIXEL_VALUES = "pixel_values"
 STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 # A side longer than this is no photo; refuse before the processor allocates for it.
 MAX_SIDE_PX = 8192
 
 
+class BadInput(ValueError):
+    """A request the model cannot serve; its message goes back to the client as a 400."""
+
+
 def _invalid(message):
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
     )
+
+
+def _check_size(name, height, width):
+    if height < 1 or width < 1:
+        raise BadInput(f"input '{name}': expected H x W x 3 with H, W >= 1, got {height} x {width}")
+    if max(height, width) > MAX_SIDE_PX:
+        raise BadInput(
+            f"input '{name}': image of {height} x {width} exceeds the {MAX_SIDE_PX} px "
+            "limit per side; resize it before sending"
+        )
+
+
+def _decode(name, index, data):
+    """One encoded image (JPEG, PNG, ...) -> uint8 H x W x 3."""
+    if len(data) == 0:
+        raise BadInput(f"input '{name}'[{index}]: empty; expected encoded image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_size(f"{name}[{index}]", img.height, img.width)
+            return np.asarray(img.convert("RGB"))
+    except BadInput:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadInput(
+            f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
+        ) from e
+
+
+class VectorizedImageProcessor:
+    """Resize per image (PIL, the processor's filter), then one affine map for the batch."""
+
+    @classmethod
+    def supports(cls, processor):
+        size = processor.size or {}
+        return (
+            bool(getattr(processor, "do_resize", False))
+            and bool(size.get("height"))
+            and bool(size.get("width"))
+            and not getattr(processor, "do_center_crop", False)
+            and not getattr(processor, "do_pad", False)
+        )
+
+    def __init__(self, processor):
+        self.size = (int(processor.size["width"]), int(processor.size["height"]))
+        self.resample = Image.Resampling(int(processor.resample))
+        scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
+        mean = np.asarray(processor.image_mean if processor.do_normalize else 0.0, np.float32)
+        std = np.asarray(processor.image_std if processor.do_normalize else 1.0, np.float32)
+        # ((x * scale) - mean) / std == x * (scale / std) - mean / std
+        self.gain = (scale / std).astype(np.float32).reshape(1, 1, 1, -1)
+        self.bias = (-mean / std).astype(np.float32).reshape(1, 1, 1, -1)
+
+    def __call__(self, images):
+        resized = np.stack(
+            [np.asarray(Image.fromarray(im).resize(self.size, self.resample)) for im in images]
+        )
+        pixels = resized.astype(np.float32) * self.gain + self.bias
+        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
 class TritonPythonModel:
@@ -65,6 +141,16 @@ class TritonPythonModel:
         self.processor = AutoImageProcessor.from_pretrained(
             checkpoint, revision=revision, **processor_kwargs
         )
+        path = params.get("preprocessing", "vectorized")
+        if path not in ("vectorized", "reference"):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: parameter 'preprocessing' must be 'vectorized' or 'reference', "
+                f"got {path!r}"
+            )
+        self.fast = None
+        if path == "vectorized" and VectorizedImageProcessor.supports(self.processor):
+            self.fast = VectorizedImageProcessor(self.processor)
+        self.inputs = [i["name"] for i in config["input"] if i["name"] in IMAGE_INPUTS]
         self.model = None
         if self.output_names != [PIXEL_VALUES]:
             self.model = AutoModel.from_pretrained(checkpoint, revision=revision)
@@ -77,7 +163,8 @@ class TritonPythonModel:
         role = "processor + model" if self.model is not None else "processor only"
         pb_utils.Logger.log_info(
             f"{self.name}: {role}, checkpoint {checkpoint} ({weights}), "
-            f"{type(self.processor).__name__}, device {self.device}"
+            f"{type(self.processor).__name__} ({'vectorized' if self.fast else 'reference'}), "
+            f"device {self.device}"
         )
 
     def _check_outputs(self):
@@ -94,44 +181,62 @@ class TritonPythonModel:
                 f"{type(self.model).__name__} does not produce; it produces {available}"
             )
 
-    def _validate(self, images):
-        """An error message for a bad image batch, or None. Triton has checked dtype and rank."""
-        _, height, width, _ = images.shape
-        if height < 1 or width < 1:
-            return f"input '{IMAGE}': expected H x W x 3 with H, W >= 1, got {images.shape[1:]}"
-        if max(height, width) > MAX_SIDE_PX:
-            return (
-                f"input '{IMAGE}': image of {height} x {width} exceeds the {MAX_SIDE_PX} px "
-                "limit per side; resize it before sending"
+    def _images(self, request):
+        """The request's images as a list of H x W x 3 arrays (uint8, or float32 0..255)."""
+        given = [
+            (name, tensor)
+            for name in self.inputs
+            if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
+        ]
+        if len(given) != 1:
+            raise BadInput(
+                f"expected exactly one of the inputs {self.inputs}, "
+                f"got {[name for name, _ in given] or 'none'}"
             )
-        if not np.isfinite(images).all():
-            return f"input '{IMAGE}': pixel values must be finite, got NaN or Inf"
-        low, high = float(images.min()), float(images.max())
-        if low < 0.0 or high > 255.0:
-            return (
-                f"input '{IMAGE}': pixel values must be in [0, 255] (RGB, H x W x 3), "
-                f"got range [{low:g}, {high:g}]"
+        name, tensor = given[0]
+        if name == IMAGE_BYTES:
+            items = tensor.as_numpy().reshape(-1)
+            return [_decode(name, i, bytes(item)) for i, item in enumerate(items)]
+        images = tensor.as_numpy()
+        _check_size(name, images.shape[1], images.shape[2])
+        if name == IMAGE:
+            if not np.isfinite(images).all():
+                raise BadInput(f"input '{name}': pixel values must be finite, got NaN or Inf")
+            low, high = float(images.min()), float(images.max())
+            if low < 0.0 or high > 255.0:
+                raise BadInput(
+                    f"input '{name}': pixel values must be in [0, 255] (RGB, H x W x 3), "
+                    f"got range [{low:g}, {high:g}]"
+                )
+        return list(images)
+
+    def _preprocess(self, images):
+        if self.fast is not None:
+            # uint8 for PIL; float inputs are whole numbers 0..255 in practice (the
+            # reference processor rejects anything else), so rounding loses nothing.
+            return self.fast(
+                [im if im.dtype == np.uint8 else np.rint(im).astype(np.uint8) for im in images]
             )
-        return None
+        return self.processor(
+            images=images, return_tensors="np", input_data_format="channels_last"
+        )[PIXEL_VALUES]
 
     def execute(self, requests):
         responses = [None] * len(requests)
         images, owners = [], []
         for i, request in enumerate(requests):
-            batch = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
-            error = self._validate(batch)
-            if error:
-                responses[i] = _invalid(error)
+            try:
+                batch = self._images(request)
+            except BadInput as e:
+                responses[i] = _invalid(str(e))
                 continue
             images.extend(batch)
             owners.append((i, len(batch)))
         if not images:
             return responses
 
-        # All images of all requests in one processor call and one forward pass.
-        pixel_values = self.processor(
-            images=images, return_tensors="np", input_data_format="channels_last"
-        )[PIXEL_VALUES]
+        # All images of all requests in one preprocessing call and one forward pass.
+        pixel_values = self._preprocess(images)
         if self.model is None:
             outputs = {PIXEL_VALUES: pixel_values}
         else:
