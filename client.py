@@ -19,7 +19,12 @@ import numpy as np
 from PIL import Image
 
 MODELS = ("python_vit", "ensemble_model")
-INPUT = "image"
+#: --input-format -> (input tensor, Triton dtype). All three are inputs of both models.
+FORMATS = {
+    "fp32": ("image", "FP32"),
+    "uint8": ("image_uint8", "UINT8"),
+    "jpeg": ("image_bytes", "BYTES"),
+}
 
 
 def default_image() -> Path:
@@ -37,8 +42,31 @@ def load_image(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.float32)
 
 
-def infer(url: str, model_name: str, images: np.ndarray, timeout_s: float = 60.0) -> dict:
-    """One HTTP request with a batch of images (N x H x W x 3); every output as numpy."""
+def encode_request(path: Path, input_format: str, batch: int) -> np.ndarray:
+    """The request tensor: N x H x W x 3 pixels (fp32, uint8), or N x 1 encoded files (jpeg)."""
+    if input_format == "jpeg":
+        # The file's own bytes (JPEG, PNG, ...): the server decodes them.
+        return np.array([[path.read_bytes()]] * batch, dtype=object)
+    image = load_image(path)
+    if input_format == "uint8":
+        image = image.astype(np.uint8)
+    return np.repeat(image[None], batch, axis=0)
+
+
+def payload_bytes(tensor: np.ndarray) -> int:
+    if tensor.dtype == object:
+        return sum(len(b) for b in tensor.reshape(-1))
+    return int(tensor.nbytes)
+
+
+def infer(
+    url: str,
+    model_name: str,
+    images: np.ndarray,
+    input_format: str = "fp32",
+    timeout_s: float = 60.0,
+) -> dict:
+    """One HTTP request with a batch of images; every output of the model as numpy."""
     import tritonclient.http as httpclient  # noqa: PLC0415
     from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
@@ -66,7 +94,8 @@ def infer(url: str, model_name: str, images: np.ndarray, timeout_s: float = 60.0
         raise SystemExit(
             f"error: model '{model_name}' is not available at {url}: {e.message()}{hint}"
         ) from e
-    tensor = httpclient.InferInput(INPUT, list(images.shape), "FP32")
+    name, dtype = FORMATS[input_format]
+    tensor = httpclient.InferInput(name, list(images.shape), dtype)
     tensor.set_data_from_numpy(images, binary_data=True)
     outputs = [
         httpclient.InferRequestedOutput(o["name"], binary_data=True) for o in metadata["outputs"]
@@ -101,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--url", default="localhost:8000", help="Triton HTTP endpoint")
     parser.add_argument(
+        "--input-format",
+        choices=sorted(FORMATS),
+        default="fp32",
+        help="fp32: float pixels (the tutorial's input); uint8: 4x smaller; "
+        "jpeg: the image file's own bytes, decoded on the server (default: %(default)s)",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=1,
@@ -111,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     path = args.image or default_image()
     if not path.exists():
         parser.error(f"image {path} does not exist")
-    image = load_image(path)
-    images = np.repeat(image[None], args.batch, axis=0)
+    with Image.open(path) as img:
+        width, height = img.size
+    request = encode_request(path, args.input_format, args.batch)
     print(
-        f"Sending {path.name} ({image.shape[1]}x{image.shape[0]} px) x{args.batch} "
+        f"Sending {path.name} ({width}x{height} px) x{args.batch} as {args.input_format} "
+        f"({payload_bytes(request) / args.batch / 1e6:.3f} MB per image) "
         f"to '{args.model_name}' at {args.url}"
     )
-    outputs = infer(args.url, args.model_name, images)
+    outputs = infer(args.url, args.model_name, request, args.input_format)
 
     for name, value in outputs.items():
         print(

@@ -86,10 +86,22 @@ def test_bad_pixels_rejected_and_server_keeps_serving(server, photo, model):
     assert infer(server.url, model, photo[None])["last_hidden_state"].shape[0] == 1
 
 
+@pytest.mark.parametrize("input_format", ["fp32", "uint8", "jpeg"])
 @pytest.mark.parametrize("model", MODELS)
-def test_client_script(server, model):
+def test_client_script(server, model, input_format):
     run = subprocess.run(
-        [sys.executable, "client.py", "--model_name", model, "--url", server.url, "--batch", "2"],
+        [
+            sys.executable,
+            "client.py",
+            "--model_name",
+            model,
+            "--url",
+            server.url,
+            "--batch",
+            "2",
+            "--input-format",
+            input_format,
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -97,6 +109,7 @@ def test_client_script(server, model):
     )
     assert run.returncode == 0, run.stderr
     assert "last_hidden_state: shape (2, 50, 32)" in run.stdout
+    assert f"as {input_format}" in run.stdout
 
 
 def test_client_reports_missing_server():
