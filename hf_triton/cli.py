@@ -88,6 +88,81 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from hf_triton import bench  # noqa: PLC0415
+    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment  # noqa: PLC0415
+    from hf_triton.server import ServerConfig, free_port  # noqa: PLC0415
+
+    settings = bench.BenchSettings(
+        concurrency=args.concurrency,
+        formats=args.formats,
+        models=args.models,
+        protocol=args.protocol,
+        window_s=args.window_s,
+        warmup_s=args.warmup_s,
+        max_windows=args.max_windows,
+        bare=not args.no_bare,
+    )
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
+
+    image = bench.sample_image(settings)
+    server = None
+    if args.url:
+        ckpt = checkpoints.resolve(args.checkpoint, args.revision, allow_standin=False)
+        onnx_path = args.onnx
+    else:
+        deployment = Deployment.prepare(
+            args.checkpoint,
+            args.revision,
+            workdir=args.workdir or Path(".hf_triton/bench"),
+            allow_standin=not args.no_standin,
+        )
+        ckpt = deployment.checkpoint
+        onnx_path = args.onnx or DEFAULT_REPOSITORIES[1] / "vit" / "1" / "model.onnx"
+    results = []
+    if settings.bare:
+        if onnx_path is None:
+            print("error: --onnx PATH is needed for the bare runs with --url", file=sys.stderr)
+            return 2
+        results += bench.bench_bare(onnx_path, ckpt.path, image, settings, progress)
+    preprocessing = bench.bench_preprocessing(
+        DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py", ckpt.path, image
+    )
+    url = args.url
+    try:
+        if not url:
+            port = free_port()
+            config = ServerConfig(
+                [], http_port=free_port(), grpc_port=port, metrics_port=free_port()
+            )
+            server = deployment.server(config)
+            progress(f"starting Triton (log: {server.log_path})")
+            server.start()
+            server.wait_ready(args.ready_timeout_s)
+            url = f"127.0.0.1:{port}" if settings.protocol == "grpc" else server.http_url[7:]
+        results += bench.bench_served(url, image, settings, progress)
+    finally:
+        if server is not None:
+            server.stop()
+    machine = bench.machine_description()
+    print(f"\nMachine: {machine['cpu']}, {machine['cores']} cores; weights: {ckpt.describe()}")
+    print(bench.report(results, preprocessing))
+    paths = bench.save(results, preprocessing, machine | {"weights": ckpt.describe()}, args.out)
+    print("\nWrote " + ", ".join(str(p) for p in paths.values()))
+    errors = sum(r.errors for r in results)
+    if errors:
+        print(f"error: {errors} requests failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
@@ -145,6 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="max abs difference allowed per output (default: %(default)s)",
     )
     exp.set_defaults(func=_export)
+    b = sub.add_parser("bench", help="measure bare compute and both served approaches")
+    _add_checkpoint_args(b)
+    b.add_argument(
+        "--concurrency",
+        type=_csv(int),
+        default=[1, 4, 16],
+        help="comma-separated (default: 1,4,16)",
+    )
+    b.add_argument("--formats", type=_csv(str), default=["fp32", "uint8", "jpeg"])
+    b.add_argument("--models", type=_csv(str), default=["python_vit", "ensemble_model"])
+    b.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    b.add_argument("--window-s", type=float, default=4.0, help="measurement window")
+    b.add_argument("--warmup-s", type=float, default=2.0)
+    b.add_argument(
+        "--max-windows",
+        type=int,
+        default=8,
+        help="give up on stability (3 windows within 10%%) after this many",
+    )
+    b.add_argument("--no-bare", action="store_true", help="skip bare ONNX Runtime / PyTorch")
+    b.add_argument(
+        "--url",
+        default=None,
+        help="benchmark a running server (host:port of --protocol) instead of "
+        "starting one; needs --onnx for the bare runs",
+    )
+    b.add_argument("--onnx", type=Path, default=None, help="model.onnx for the bare run")
+    b.add_argument("--out", type=Path, default=Path("bench_results"))
+    b.add_argument("--ready-timeout-s", type=float, default=600.0)
+    b.set_defaults(func=_bench)
     return parser
 
 

@@ -13,19 +13,27 @@ CONFIGS = sorted(p for repo in DEFAULT_REPOSITORIES for p in repo.glob("*/config
 
 def test_repositories_have_the_tutorial_layout():
     names = {p.parent.name for p in CONFIGS}
-    assert names == {"python_vit", "preprocessing", "ensemble_model"}
-    # vit has no config.pbtxt: ONNX Runtime auto-completes it from model.onnx.
+    assert names == {"python_vit", "preprocessing", "ensemble_model", "vit"}
     vit = [m.name for repo in DEFAULT_REPOSITORIES for m in onnx_models(repo)]
     assert vit == ["vit"]
+
+
+def test_vit_config_is_tuning_only():
+    """The tensor schema of `vit` comes from model.onnx (auto-complete), never by hand."""
+    cfg = read_config(DEFAULT_REPOSITORIES[1] / "vit" / "config.pbtxt")
+    assert cfg.backend == "onnxruntime"
+    assert not cfg.input and not cfg.output and cfg.max_batch_size == 0
+    assert {"intra_op_thread_count", "execution_mode"} <= set(cfg.parameters)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.parent.name)
 def test_config_parses_with_triton_schema(path: Path):
     cfg = read_config(path)
     assert cfg.name == path.parent.name
-    if cfg.platform != "ensemble":
+    if cfg.backend == "python":
         assert cfg.parameters["checkpoint"].string_value == "google/vit-base-patch16-224-in21k"
-    assert cfg.max_batch_size == 8
+    if cfg.name != "vit":
+        assert cfg.max_batch_size == 8
 
 
 def test_python_models_are_one_file():

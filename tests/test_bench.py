@@ -1,0 +1,60 @@
+"""The benchmark end to end on the tiny model: seconds, not minutes. Speed is not asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hf_triton import bench
+from hf_triton.serve import PROJECT_ROOT
+
+
+def test_stability_rule():
+    assert bench._stable([10.0, 10.5, 9.8], 0.10)
+    assert not bench._stable([10.0, 12.0, 9.8], 0.10)
+    assert not bench._stable([10.0, 10.0], 0.10)  # needs three windows
+
+
+def test_benchmark_smoke(server, tmp_path):
+    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+    grpc = server.grpc_url
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_triton.cli",
+            "bench",
+            "--url",
+            grpc,
+            "--onnx",
+            str(onnx),
+            "--checkpoint",
+            str(server.checkpoint),
+            "--concurrency",
+            "1,2",
+            "--window-s",
+            "0.3",
+            "--warmup-s",
+            "0.2",
+            "--max-windows",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "ensemble ÷ python_vit" in run.stdout and "Targets:" in run.stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["name"], r["input_format"], r["concurrency"]) for r in data["results"]}
+    for model in ("python_vit", "ensemble_model"):
+        for fmt in ("fp32", "uint8", "jpeg"):
+            assert {(model, fmt, 1), (model, fmt, 2)} <= rows
+    assert ("bare-onnxruntime", "pixel_values", 2) in rows
+    assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000
+    assert (tmp_path / "results.csv").read_text().startswith("name,")
