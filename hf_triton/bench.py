@@ -51,6 +51,10 @@ class BenchSettings:
     models: list[str] = field(default_factory=lambda: list(MODELS))
     protocol: str = "grpc"
     window_s: float = 4.0
+    #: A window also waits for this many completions (up to max_window_s): with a few
+    #: images/s, one request more or less in a short window is already a 10% swing.
+    min_requests: int = 20
+    max_window_s: float = 30.0
     warmup_s: float = 2.0
     min_windows: int = 3
     max_windows: int = 8
@@ -126,8 +130,13 @@ async def measure(
         edges = [time.perf_counter()]
         while True:
             await asyncio.sleep(settings.window_s)
-            edges.append(time.perf_counter())
-            count = sum(1 for t, _ in done if edges[-2] <= t < edges[-1])
+            while True:
+                now = time.perf_counter()
+                count = sum(1 for t, _ in done if edges[-1] <= t < now)
+                if count >= settings.min_requests or now - edges[-1] >= settings.max_window_s:
+                    break
+                await asyncio.sleep(0.05)
+            edges.append(now)
             windows.append(count * images_per_call / (edges[-1] - edges[-2]))
             stable = len(windows) >= settings.min_windows and _stable(windows, settings.stability)
             if stable or len(windows) >= settings.max_windows:

@@ -135,7 +135,9 @@ def _download(name: str, revision: str | None, timeout_s: float) -> Path:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HF_TRITON_CACHE", Path.cwd() / ".cache" / "hf_triton"))
+    """Stand-in weights live here, shared by serve, export and bench ($HF_TRITON_CACHE)."""
+    default = Path(__file__).resolve().parent.parent / ".hf_triton" / "cache"
+    return Path(os.environ.get("HF_TRITON_CACHE", default))
 
 
 def build_standin(name: str, cache_dir: Path, seed: int = 0) -> Checkpoint:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import sys
 import time
@@ -14,8 +16,9 @@ from hf_triton.errors import HfTritonError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hf_triton.serve import Deployment  # noqa: PLC0415
+    from hf_triton.serve import Deployment, entry_models  # noqa: PLC0415
     from hf_triton.server import ServerConfig  # noqa: PLC0415
+    from hf_triton.supervise import Supervisor  # noqa: PLC0415
 
     deployment = Deployment.prepare(
         args.checkpoint,
@@ -31,6 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_verbose=args.log_verbose,
+        admin_key=args.admin_key
+        or os.environ.get("HF_TRITON_ADMIN_KEY")
+        or secrets.token_urlsafe(24),
     )
     server = deployment.server(config)
     stopping = False
@@ -53,16 +59,38 @@ def _serve(args: argparse.Namespace) -> int:
         )
         for name, state in sorted(states.items()):
             print(f"  {name:<16} {state}")
+        key_file = server.workdir / "admin-key"
+        key_file.write_text(config.admin_key or "")
+        key_file.chmod(0o600)
+        print(
+            f"Restricted APIs ({', '.join(config.restricted_apis)}) need the header "
+            f"'admin-key: {config.admin_key}' (saved in {key_file})"
+        )
         print(
             "Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
             flush=True,
         )
-        while not stopping and server.is_alive():
+        supervisor = Supervisor(
+            server, entry_models(deployment.repositories), interval_s=args.probe_interval_s
+        )
+        if supervisor.interval_s > 0:
+            print(
+                f"Probing {', '.join(supervisor.models)} with a real inference every "
+                f"{supervisor.interval_s:g} s; a dead model restarts the server.",
+                flush=True,
+            )
+        next_probe = time.monotonic() + supervisor.interval_s
+        while not stopping:
             time.sleep(0.5)
-        if not stopping:
-            print(server.logs()[-3000:], file=sys.stderr)
-            print("tritonserver exited unexpectedly (log above).", file=sys.stderr)
-            return 1
+            if supervisor.interval_s > 0 and time.monotonic() >= next_probe:
+                supervisor.step()
+                next_probe = time.monotonic() + supervisor.interval_s
+            elif not server.is_alive():
+                if supervisor.interval_s <= 0:
+                    print(server.logs()[-3000:], file=sys.stderr)
+                    print("tritonserver exited unexpectedly (log above).", file=sys.stderr)
+                    return 1
+                supervisor.step()
         print("Stopping ...", flush=True)
         return 0
     finally:
@@ -74,12 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hf_triton import export  # noqa: PLC0415
 
-    ckpt = checkpoints.resolve(
-        args.checkpoint,
-        args.revision,
-        cache_dir=args.workdir / "cache" if args.workdir else None,
-        allow_standin=not args.no_standin,
-    )
+    ckpt = checkpoints.resolve(args.checkpoint, args.revision, allow_standin=not args.no_standin)
     print(f"Weights: {ckpt.describe()}")
     report = export.export_onnx(ckpt.path, args.output, atol=args.atol)
     for name, diff in report.max_abs_diff.items():
@@ -99,6 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
         models=args.models,
         protocol=args.protocol,
         window_s=args.window_s,
+        min_requests=args.min_requests,
         warmup_s=args.warmup_s,
         max_windows=args.max_windows,
         bare=not args.no_bare,
@@ -205,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--ready-timeout-s", type=float, default=600.0)
+    serve.add_argument(
+        "--admin-key",
+        default=None,
+        help="value of the 'admin-key' header that unlocks the model-repository, "
+        "shared-memory, trace and logging APIs (default: $HF_TRITON_ADMIN_KEY, "
+        "else a random key, printed)",
+    )
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.set_defaults(func=_serve)
 
@@ -232,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", type=_csv(str), default=["python_vit", "ensemble_model"])
     b.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     b.add_argument("--window-s", type=float, default=4.0, help="measurement window")
+    b.add_argument(
+        "--min-requests",
+        type=int,
+        default=20,
+        help="a window lasts until this many requests completed (max 30 s)",
+    )
     b.add_argument("--warmup-s", type=float, default=2.0)
     b.add_argument(
         "--max-windows",

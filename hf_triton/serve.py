@@ -61,6 +61,16 @@ def onnx_models(repository: Path) -> list[Path]:
     return found
 
 
+def entry_models(repositories: list[Path]) -> list[str]:
+    """Models a client calls: every model that is not a step of an ensemble."""
+    configs = {
+        p.parent.name: read_config(p) for r in repositories for p in r.glob("*/config.pbtxt")
+    }
+    names = {p.name for r in repositories for p in r.iterdir() if p.is_dir()}
+    steps = {step.model_name for cfg in configs.values() for step in cfg.ensemble_scheduling.step}
+    return sorted(names - steps)
+
+
 def ensure_exported(
     model_dir: Path, checkpoint: checkpoints.Checkpoint, version: str = "1"
 ) -> Path:
@@ -137,9 +147,7 @@ class Deployment:
         """Resolve weights, export stale ONNX models, and stage the repositories."""
         workdir = (workdir or PROJECT_ROOT / ".hf_triton").resolve()
         sources = [Path(r).resolve() for r in (repositories or DEFAULT_REPOSITORIES)]
-        ckpt = checkpoints.resolve(
-            checkpoint, revision, cache_dir=workdir / "cache", allow_standin=allow_standin
-        )
+        ckpt = checkpoints.resolve(checkpoint, revision, allow_standin=allow_standin)
         print(f"Weights: {ckpt.describe()}", flush=True)
         for repo in sources:
             for model_dir in onnx_models(repo):

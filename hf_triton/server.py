@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -153,6 +154,12 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+#: APIs that change what the server runs or reads/writes files or memory: locked by default.
+#: (Loading models from the repository runs their code; trace settings choose a file path.)
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "admin-key"
+
+
 @dataclass
 class ServerConfig:
     """The flags we pass to ``tritonserver``; everything else keeps Triton's default."""
@@ -165,10 +172,15 @@ class ServerConfig:
     default_max_batch_size: int = 8
     exit_timeout_s: int = 30
     log_verbose: int = 0
-    # e.g. {"model-repository,shared-memory": "admin-key=SECRET"}
-    http_restricted_api: dict[str, str] = field(default_factory=dict)
-    grpc_restricted_protocol: dict[str, str] = field(default_factory=dict)
+    #: Header value required by the restricted APIs (header name ``admin-key``); a random
+    #: one by default. None leaves every API open.
+    admin_key: str | None = field(default_factory=lambda: secrets.token_urlsafe(24))
+    restricted_apis: tuple[str, ...] = RESTRICTED_APIS
     extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
 
     def argv(self, server: Path, backends: Path) -> list[str]:
         args = [str(server)]
@@ -189,10 +201,9 @@ class ServerConfig:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
         ]
-        args += [f"--http-restricted-api={k}:{v}" for k, v in self.http_restricted_api.items()]
-        args += [
-            f"--grpc-restricted-protocol={k}:{v}" for k, v in self.grpc_restricted_protocol.items()
-        ]
+        if self.admin_key and self.restricted_apis:
+            rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+            args += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
         return args + list(self.extra_args)
 
 
@@ -246,7 +257,9 @@ class TritonServer:
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         argv = self.config.argv(self.dist.server, backends)
         log.info("Starting %s", " ".join(argv))
-        log_file = open(self.log_path, "wb")  # noqa: SIM115 - owned by the child's lifetime
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
+        log_file.write(f"==== hf-triton: starting tritonserver at {time.ctime()}\n".encode())
+        log_file.flush()
         self._proc = subprocess.Popen(
             argv,
             stdout=log_file,
@@ -265,10 +278,12 @@ class TritonServer:
         return self._proc.pid if self._proc else None
 
     def logs(self) -> str:
+        """The log of the current (latest) start."""
         try:
-            return self.log_path.read_text(errors="replace")
+            text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return text[text.rfind("==== hf-triton: starting") :]
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Poll ``/v2/health/ready`` until 200, the process dies, or the deadline passes."""
@@ -303,8 +318,7 @@ class TritonServer:
         req = urllib.request.Request(
             f"{self.http_url}/v2/repository/index", data=b"{}", method="POST"
         )
-        for header in self.config.http_restricted_api.values():
-            key, _, value = header.partition("=")
+        for key, value in self.config.admin_headers.items():
             req.add_header(key, value)
         with urllib.request.urlopen(req, timeout=5) as r:
             return {m["name"]: m.get("state", "") for m in json.load(r)}

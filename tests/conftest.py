@@ -31,6 +31,8 @@ TINY_VIT = dict(
     patch_size=32,
 )
 READY_TIMEOUT_S = 300.0
+ADMIN_KEY = "test-admin-key"
+ADMIN_HEADERS = {"admin-key": ADMIN_KEY}
 PHOTO = Path(__import__("matplotlib").get_data_path(), "sample_data", "grace_hopper.jpg")
 
 
@@ -101,6 +103,8 @@ def server(
         str(repos / "ensemble_model_repository"),
         "--workdir",
         str(root / "work"),
+        "--admin-key",
+        ADMIN_KEY,
         "--http-port",
         str(http),
         "--grpc-port",

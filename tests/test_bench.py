@@ -35,6 +35,8 @@ def test_benchmark_smoke(server, tmp_path):
             "1,2",
             "--window-s",
             "0.3",
+            "--min-requests",
+            "3",
             "--warmup-s",
             "0.2",
             "--max-windows",
