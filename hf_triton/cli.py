@@ -1,4 +1,4 @@
-"""Command line: ``hf-triton serve|export`` (run_server.sh and export.sh call these)."""
+"""Command line: ``hf-triton serve|export|bench|soak`` (the shell scripts call these)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    key_file = server.workdir / "admin-key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.chmod(0o600)
+    key_file.write_text(config.admin_key or "")
     print(f"Starting Triton (log: {server.log_path}) ...", flush=True)
     started = time.monotonic()
     server.start()
@@ -59,9 +65,6 @@ def _serve(args: argparse.Namespace) -> int:
         )
         for name, state in sorted(states.items()):
             print(f"  {name:<16} {state}")
-        key_file = server.workdir / "admin-key"
-        key_file.write_text(config.admin_key or "")
-        key_file.chmod(0o600)
         print(
             f"Restricted APIs ({', '.join(config.restricted_apis)}) need the header "
             f"'admin-key: {config.admin_key}' (saved in {key_file})"
@@ -183,6 +186,50 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+    import tritonclient.http as httpclient  # noqa: PLC0415
+
+    from hf_triton.soak import run_soak, shm_regions  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48 + i, 64, 3), dtype=np.uint8) for i in range(16)]
+    first: dict[int, np.ndarray] = {}
+    local = threading.local()
+
+    def send(i: int) -> np.ndarray:
+        if not hasattr(local, "client"):
+            local.client = httpclient.InferenceServerClient(url=args.url, network_timeout=120)
+        image = images[i % len(images)][None]
+        tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
+        tensor.set_data_from_numpy(image)
+        return local.client.infer(args.model, [tensor]).as_numpy(args.output)
+
+    def check(i: int, out: np.ndarray) -> bool:
+        # Each image's first answer is its reference; any mix-up between requests shows.
+        ref = first.setdefault(i % len(images), out)
+        return out.shape[0] == 1 and bool(np.allclose(out, ref, atol=1e-4))
+
+    def progress(message: str) -> None:
+        print(message, flush=True)
+
+    report = run_soak(
+        send,
+        check,
+        args.requests,
+        args.concurrency,
+        args.server_pid,
+        warmup=args.warmup,
+        progress=progress,
+    )
+    print(report.summary())
+    print(f"Triton shared-memory regions in /dev/shm now: {len(shm_regions())}")
+    for error in report.errors[:5]:
+        print(f"  {error}")
+    bad = report.errors or report.wrong or report.not_exactly_once
+    return 1 if bad else 0
+
+
 def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
@@ -287,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench_results"))
     b.add_argument("--ready-timeout-s", type=float, default=600.0)
     b.set_defaults(func=_bench)
+    sk = sub.add_parser("soak", help="bounded soak of a running server (exactly-once, memory)")
+    sk.add_argument("--url", default="127.0.0.1:8000", help="HTTP host:port")
+    sk.add_argument("--model", default="ensemble_model")
+    sk.add_argument("--output", default="pooler_output")
+    sk.add_argument("-n", "--requests", type=int, default=1000)
+    sk.add_argument("-c", "--concurrency", type=int, default=8)
+    sk.add_argument("--warmup", type=int, default=50)
+    sk.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="tritonserver pid: report resident memory of it and its stubs",
+    )
+    sk.set_defaults(func=_soak)
     return parser
 
 
