@@ -3,6 +3,7 @@
 
     python client.py --model_name ensemble_model
     python client.py --model_name python_vit --image photo.jpg --url localhost:8000
+    python client.py --model_name ensemble_model --text "A man eats." --text "Someone is eating."
 
 Needs only tritonclient[http], numpy and pillow (plus matplotlib for the default
 photo), so it runs outside this project's venv too. Exit code 0 on success, 1 when
@@ -107,6 +108,33 @@ def infer(
     return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
 
 
+def infer_text(url: str, model_name: str, texts: list[str], timeout_s: float = 60.0) -> dict:
+    """One HTTP request with a batch of texts (the ``text`` BYTES input)."""
+    import tritonclient.http as httpclient  # noqa: PLC0415
+    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+    client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s)
+    try:
+        metadata = client.get_model_metadata(model_name)
+    except (ConnectionError, OSError) as e:
+        raise SystemExit(f"error: no Triton server at {url} ({e}). Start one first") from e
+    except InferenceServerException as e:
+        raise SystemExit(
+            f"error: model '{model_name}' is not available at {url}: {e.message()}"
+        ) from e
+    names = [i["name"] for i in metadata["inputs"]]
+    if "text" not in names:
+        raise SystemExit(f"error: model '{model_name}' takes {names}, not 'text'")
+    data = np.array([[t.encode()] for t in texts], dtype=object)
+    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    try:
+        result = client.infer(model_name, [tensor])
+    except InferenceServerException as e:
+        raise SystemExit(f"error: inference failed: {e.message()}") from e
+    return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
+
+
 def _index_allowed(client) -> bool:
     try:
         client.get_model_repository_index()
@@ -142,7 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="send the image this many times in one request (default: 1)",
     )
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        help="send text instead of an image (repeatable: one batch; with a sentence-embedding "
+        "model, prints the cosine similarity of each pair)",
+    )
     args = parser.parse_args(argv)
+    if args.text:
+        return _main_text(args)
 
     path = args.image or default_image()
     if not path.exists():
@@ -171,6 +208,29 @@ def main(argv: list[str] | None = None) -> int:
     hidden = outputs.get("last_hidden_state")
     if hidden is not None:
         print(f"CLS embedding (first 5): {np.array2string(hidden[0, 0, :5], precision=4)}")
+    return 0
+
+
+def _main_text(args: argparse.Namespace) -> int:
+    print(f"Sending {len(args.text)} text(s) to '{args.model_name}' at {args.url}")
+    outputs = infer_text(args.url, args.model_name, args.text)
+    for name, value in outputs.items():
+        print(f"{name}: shape {tuple(value.shape)} {value.dtype}")
+        if not np.isfinite(value).all() or value.shape[0] != len(args.text):
+            print(f"error: {name} is malformed", file=sys.stderr)
+            return 1
+    embeddings = outputs.get("sentence_embedding")
+    if embeddings is not None and len(args.text) > 1:
+        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        similarity = unit @ unit.T
+        print("cosine similarity:")
+        for i in range(len(args.text)):
+            for j in range(i + 1, len(args.text)):
+                print(f"  {similarity[i, j]:+.4f}  {args.text[i]!r} ~ {args.text[j]!r}")
+    logits = outputs.get("logits")
+    if logits is not None:
+        for text, row in zip(args.text, logits, strict=True):
+            print(f"  {text!r}: argmax {int(np.argmax(row))}, logits {np.round(row, 3).tolist()}")
     return 0
 
 

@@ -51,7 +51,7 @@ class BenchSettings:
     models: list[str] = field(default_factory=lambda: list(MODELS))
     protocol: str = "grpc"
     window_s: float = 4.0
-    #: A window also waits for this many completions (up to max_window_s): with a few
+    #: A window also waits for this many images (up to max_window_s): with a few
     #: images/s, one request more or less in a short window is already a 10% swing.
     min_requests: int = 20
     max_window_s: float = 30.0
@@ -133,7 +133,8 @@ async def measure(
             while True:
                 now = time.perf_counter()
                 count = sum(1 for t, _ in done if edges[-1] <= t < now)
-                if count >= settings.min_requests or now - edges[-1] >= settings.max_window_s:
+                enough = count * images_per_call >= settings.min_requests
+                if enough or now - edges[-1] >= settings.max_window_s:
                     break
                 await asyncio.sleep(0.05)
             edges.append(now)

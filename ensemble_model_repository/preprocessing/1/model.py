@@ -3,7 +3,8 @@
 The same file serves two roles, told apart by the outputs declared in config.pbtxt:
 
 * ``python_vit`` (python_model_repository): processor + model in one step; outputs are
-  the model's own output names (``last_hidden_state``, ``pooler_output``).
+  the model's own output names (``last_hidden_state``, ``pooler_output``; ``logits`` for
+  image classification).
 * ``preprocessing`` (ensemble_model_repository): processor only; the one output is
   ``pixel_values``, fed to the ONNX model by the ensemble.
 
@@ -29,15 +30,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import transformers
 import triton_python_backend_utils as pb_utils
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor
 
 IMAGE = "image"
 IMAGE_UINT8 = "image_uint8"
 IMAGE_BYTES = "image_bytes"
 IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
 PIXEL_VALUES = "pixel_values"
+#: The model class per task (same table as the build command's).
+AUTO_CLASSES = {
+    "image-feature-extraction": "AutoModel",
+    "image-classification": "AutoModelForImageClassification",
+}
 STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 # A side longer than this is no photo; refuse before the processor allocates for it.
 MAX_SIDE_PX = 8192
@@ -130,6 +137,11 @@ class TritonPythonModel:
                 f"{self.name}: config.pbtxt needs parameter 'checkpoint' (hub id or directory)"
             )
         revision = params.get("revision") or None
+        task = params.get("task", "image-feature-extraction")
+        if task not in AUTO_CLASSES:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: task {task!r} is not one of {sorted(AUTO_CLASSES)}"
+            )
         processor_kwargs = {}
         if params.get("image_processor_backend"):
             processor_kwargs["backend"] = params["image_processor_backend"]
@@ -162,7 +174,8 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config["input"] if i["name"] in IMAGE_INPUTS]
         self.model = None
         if self.output_names != [PIXEL_VALUES]:
-            self.model = AutoModel.from_pretrained(checkpoint, revision=revision)
+            auto = getattr(transformers, AUTO_CLASSES[task])
+            self.model = auto.from_pretrained(checkpoint, revision=revision)
             self.model.to(self.device).eval()
             self._check_outputs()
 

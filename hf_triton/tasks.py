@@ -1,0 +1,137 @@
+"""What each supported task serves: inputs, outputs, model class, export wrapper. Pure tables.
+
+A task is inferred from the checkpoint's ``config.json`` (``architectures``) when not given.
+Nothing here loads weights, so dispatch is testable on configs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hf_triton.errors import HfTritonError
+
+
+class UnsupportedModel(HfTritonError):
+    """The checkpoint's task or architecture is not one we can serve."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: str  # Triton's TYPE_* name
+    dims: tuple[int, ...]  # without the batch dimension
+    comment: str = ""
+    labels: bool = False  # has a label file: Triton's classification extension
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    modality: str  # "image" or "text": which generic model.py and which preprocessing
+    auto_class: str  # transformers class that loads the checkpoint for this task
+    outputs: tuple[Tensor, ...]
+    description: str
+
+
+IMAGE_INPUTS = (
+    Tensor(
+        "image",
+        "TYPE_FP32",
+        (-1, -1, 3),
+        "One RGB image per batch item, H x W x 3, values 0..255 (the tutorial's contract).",
+    ),
+    Tensor(
+        "image_uint8", "TYPE_UINT8", (-1, -1, 3), "The same as UINT8: 4x fewer bytes on the wire."
+    ),
+    Tensor(
+        "image_bytes",
+        "TYPE_STRING",
+        (1,),
+        "One encoded image (JPEG, PNG, ...) per batch item, decoded on the server;\n"
+        "images of one request may differ in size. Send exactly one of the three inputs.",
+    ),
+)
+TEXT_INPUTS = (Tensor("text", "TYPE_STRING", (1,), "One UTF-8 text per batch item."),)
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "image-feature-extraction",
+            "image",
+            "AutoModel",
+            (
+                Tensor("last_hidden_state", "TYPE_FP32", (-1, -1)),
+                Tensor("pooler_output", "TYPE_FP32", (-1,)),
+            ),
+            "image -> last_hidden_state (+ pooler_output when the model has a pooler)",
+        ),
+        Task(
+            "image-classification",
+            "image",
+            "AutoModelForImageClassification",
+            (Tensor("logits", "TYPE_FP32", (-1,), labels=True),),
+            "image -> logits; top-k labels through Triton's classification extension",
+        ),
+        Task(
+            "text-feature-extraction",
+            "text",
+            "AutoModel",
+            (Tensor("sentence_embedding", "TYPE_FP32", (-1,)),),
+            "text -> sentence_embedding (pooling and normalisation as the checkpoint's "
+            "sentence-transformers config says; mean pooling otherwise)",
+        ),
+        Task(
+            "text-classification",
+            "text",
+            "AutoModelForSequenceClassification",
+            (Tensor("logits", "TYPE_FP32", (-1,), labels=True),),
+            "text -> logits; top-k labels through Triton's classification extension",
+        ),
+    )
+}
+
+#: Architecture name suffix -> task. "...Model" depends on the modality (below).
+ARCHITECTURE_SUFFIXES = {
+    "ForImageClassification": "image-classification",
+    "ForSequenceClassification": "text-classification",
+    "Model": None,
+}
+#: Config keys that only vision models have.
+_VISION_KEYS = ("image_size", "num_channels")
+
+
+def is_vision(config: dict[str, Any]) -> bool:
+    return any(k in config for k in _VISION_KEYS) or "vision_config" in config
+
+
+def infer_task(config: dict[str, Any]) -> str:
+    """The task for a checkpoint's config.json, from its ``architectures``."""
+    architectures = config.get("architectures") or []
+    for arch in architectures:
+        for suffix, task in ARCHITECTURE_SUFFIXES.items():
+            # A base model is "<Name>Model", not a head such as GPT2LMHeadModel.
+            base = arch[: -len(suffix)]
+            if arch.endswith(suffix) and not (task is None and ("Head" in base or "For" in base)):
+                if task is None:
+                    return (
+                        "image-feature-extraction"
+                        if is_vision(config)
+                        else ("text-feature-extraction")
+                    )
+                return task
+    raise UnsupportedModel(
+        f"Cannot serve architectures {architectures or '(none listed)'}: supported are "
+        f"*Model (feature extraction), *ForImageClassification, *ForSequenceClassification. "
+        f"Supported tasks: {', '.join(TASKS)} (pass --task to choose)."
+    )
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnsupportedModel(
+            f"Unknown task {name!r}; supported tasks: {', '.join(TASKS)}"
+        ) from None

