@@ -70,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"  {name:<16} {state}")
         print(
             f"Restricted APIs ({', '.join(config.restricted_apis)}) need the header "
-            f"'admin-key: {config.admin_key}' (saved in {key_file})"
+            f"'admin-key: {config.admin_key}' (gRPC: 'triton-grpc-protocol-admin-key'; "
+            f"saved in {key_file})"
         )
         print(
             "Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
@@ -231,6 +232,64 @@ def _soak(args: argparse.Namespace) -> int:
         print(f"  {error}")
     bad = report.errors or report.wrong or report.not_exactly_once
     return 1 if bad else 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Inputs and outputs of an ONNX file or of a served model (what Netron shows)."""
+    rows: list[tuple[str, str, str, str]] = []
+    if args.target.endswith(".onnx") or Path(args.target).is_file():
+        import onnx  # noqa: PLC0415
+
+        proto = onnx.load(args.target, load_external_data=False)
+        graph = proto.graph
+        initializers = {i.name for i in graph.initializer}
+
+        def shape(vi) -> str:
+            dims = vi.type.tensor_type.shape.dim
+            return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + "]"
+
+        def dtype(vi) -> str:
+            return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+
+        rows += [
+            ("input", i.name, dtype(i), shape(i)) for i in graph.input if i.name not in initializers
+        ]
+        rows += [("output", o.name, dtype(o), shape(o)) for o in graph.output]
+        opsets = ", ".join(
+            str(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")
+        )
+        meta = {p.key: p.value for p in proto.metadata_props}
+        print(f"{args.target}: opset {opsets}; " + "; ".join(f"{k}={v}" for k, v in meta.items()))
+    else:
+        import tritonclient.http as httpclient  # noqa: PLC0415
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        client = httpclient.InferenceServerClient(url=args.url)
+        try:
+            meta = client.get_model_metadata(args.target)
+            config = client.get_model_config(args.target)
+        except (InferenceServerException, OSError) as e:
+            print(f"error: cannot read model '{args.target}' at {args.url}: {e}", file=sys.stderr)
+            return 1
+        batch = int(config.get("max_batch_size", 0))
+        optional = {i["name"] for i in config.get("input", []) if i.get("optional")}
+        rows += [
+            (
+                "input" + (" (optional)" if i["name"] in optional else ""),
+                i["name"],
+                i["datatype"],
+                str(i["shape"]),
+            )
+            for i in meta["inputs"]
+        ]
+        rows += [("output", o["name"], o["datatype"], str(o["shape"])) for o in meta["outputs"]]
+        print(
+            f"{args.target} at {args.url}: platform {meta.get('platform')}, "
+            f"max_batch_size {batch} (-1 in shapes: variable; the first is the batch)"
+        )
+    for kind, name, dtype_, shape_ in rows:
+        print(f"  {kind:<18} {name:<22} {dtype_:<8} {shape_}")
+    return 0
 
 
 def _csv(kind):
@@ -423,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench_results"))
     b.add_argument("--ready-timeout-s", type=float, default=600.0)
     b.set_defaults(func=_bench)
+    ins = sub.add_parser("inspect", help="inputs/outputs of model.onnx or of a served model")
+    ins.add_argument("target", help="path to a .onnx file, or a model name on --url")
+    ins.add_argument("--url", default="127.0.0.1:8000", help="Triton HTTP host:port")
+    ins.set_defaults(func=_inspect)
+
     sk = sub.add_parser("soak", help="bounded soak of a running server (exactly-once, memory)")
     sk.add_argument("--url", default="127.0.0.1:8000", help="HTTP host:port")
     sk.add_argument("--model", default="ensemble_model")

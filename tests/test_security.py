@@ -50,7 +50,8 @@ def test_restricted_grpc_protocol_needs_the_admin_key(server):
     client = grpcclient.InferenceServerClient(url=server.grpc_url)
     with pytest.raises(InferenceServerException, match="restricted"):
         client.get_model_repository_index()
-    index = client.get_model_repository_index(headers=ADMIN_HEADERS)
+    # gRPC metadata carries the key as 'triton-grpc-protocol-<header>'.
+    index = client.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": ADMIN_KEY})
     assert {m.name for m in index.models} >= {"python_vit", "ensemble_model"}
 
 
@@ -89,7 +90,8 @@ def test_server_listens_on_loopback_only(server):
     pids = process_tree(server.process.pid)
     addresses = _listening_addresses(pids)
     assert addresses, "no listening sockets found"
-    assert addresses <= {"0100007F"}, addresses  # 127.0.0.1, little-endian hex
+    # 127.0.0.1 as little-endian hex, alone or IPv4-mapped in an IPv6 socket (gRPC's).
+    assert addresses <= {"0100007F", "0000000000000000FFFF00000100007F"}, addresses
 
 
 def test_server_runs_offline(server):

@@ -136,3 +136,25 @@ def test_client_reports_unknown_model(server):
     )
     assert run.returncode == 1
     assert "model 'nope' is not available" in run.stderr
+
+
+def test_inspect_served_model_and_onnx_file(server):
+    served = subprocess.run(
+        [sys.executable, "-m", "hf_triton.cli", "inspect", "ensemble_model", "--url", server.url],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 0, served.stderr
+    assert "image_bytes" in served.stdout and "last_hidden_state" in served.stdout
+    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+    local = subprocess.run(
+        [sys.executable, "-m", "hf_triton.cli", "inspect", str(onnx)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert local.returncode == 0, local.stderr
+    assert "pixel_values" in local.stdout and "batch_size" in local.stdout
