@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_triton import export, tasks
+from hf_triton import export, precision, tasks
 from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS, Task, Tensor
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class BuildOptions:
     ensemble_name: str = "ensemble_model"
     revision: str = ""
     max_length: int | None = None  # text: tokens; default from the checkpoint
+    precision: str = "fp32"  # fp32 | bf16 | int8 | fp16 (see hf_triton.precision)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class BuildResult:
     repositories: list[Path] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     validation: export.ValidationReport | None = None
+    gates: list[precision.GateReport] = field(default_factory=list)
 
 
 # -- pbtxt rendering ------------------------------------------------------------------------
@@ -260,9 +262,26 @@ def build(
     )
     model_py = MODEL_PY[task.modality]
 
+    approaches = ["python", "ensemble"] if approach == "both" else [approach]
+    for a in approaches:
+        precision.check_precision(options.precision, a)
+    if options.precision != "fp32" and "python" in approaches:
+        # Refused variants are never written.
+        result.gates.append(gate_python(checkpoint_dir, task, options))
+
     if approach in ("python", "both"):
         repo = out / "python_model_repository"
         name = f"python_{options.name}"
+        pipeline_params = [
+            *params,
+            (
+                "precision",
+                options.precision,
+                "fp32 (reference), bf16, int8 (dynamic quantisation of Linear layers) or\n"
+                "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
+                '(README, "Precision").',
+            ),
+        ]
         step = "image processor" if task.modality == "image" else "tokenizer"
         header = f"Approach 1: the whole pipeline ({step} + model) in one Python-backend model."
         _write_model(
@@ -273,7 +292,7 @@ def build(
                 task,
                 inputs,
                 outputs,
-                params,
+                pipeline_params,
                 options,
                 optional_inputs=len(inputs) > 1,
             ),
@@ -313,9 +332,20 @@ def build(
         _write_onnx_config(onnx_dir, options, labels)
         _write_ensemble(repo / options.ensemble_name, options, inputs, mid, outputs, labels)
         if export_onnx:
-            result.validation = export.export_onnx(
-                checkpoint_dir, onnx_dir / "1" / "model.onnx", task=task.name
-            )
+            target = onnx_dir / "1" / "model.onnx"
+            if options.precision == "fp32":
+                result.validation = export.export_onnx(checkpoint_dir, target, task=task.name)
+            else:
+                fp32 = target.with_name("model.fp32.tmp.onnx")
+                variant = target.with_name(f"model.{options.precision}.tmp.onnx")
+                try:
+                    result.validation = export.export_onnx(checkpoint_dir, fp32, task=task.name)
+                    precision.quantize_onnx(fp32, variant)
+                    result.gates.append(gate_onnx(checkpoint_dir, task, options, fp32, variant))
+                    variant.replace(target)
+                finally:
+                    fp32.unlink(missing_ok=True)
+                    variant.unlink(missing_ok=True)
         result.repositories.append(repo)
         result.models += [options.preprocessing_name, options.name, options.ensemble_name]
     return result
@@ -432,3 +462,78 @@ def _write_ensemble(
     (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n")
     if labels:
         (model_dir / LABELS).write_text("\n".join(labels) + "\n")
+
+
+# -- the accuracy gate for reduced-precision builds --------------------------------------
+
+
+def _eval_feeds(checkpoint_dir: Path, task: Task, input_names: list[str], options: BuildOptions):
+    """The fixed evaluation set, and a function turning a chunk of it into model inputs."""
+    import transformers  # noqa: PLC0415
+
+    if task.modality == "image":
+        processor = transformers.AutoImageProcessor.from_pretrained(
+            str(checkpoint_dir), backend="pil"
+        )
+
+        def image_feed(chunk):
+            return {"pixel_values": processor(images=chunk, return_tensors="np")["pixel_values"]}
+
+        return precision.eval_images(), image_feed
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    config = export.read_config(checkpoint_dir)
+    max_length = options.max_length or _max_length(config, checkpoint_dir)
+
+    def text_feed(chunk):
+        enc = tokenizer(
+            chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
+        return {k: enc[k] for k in input_names}
+
+    return precision.eval_sentences(), text_feed
+
+
+def gate_python(checkpoint_dir: Path, task: Task, options: BuildOptions) -> precision.GateReport:
+    """The Python backend's variant (same conversion as model.py) against fp32 PyTorch."""
+    import copy  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    spec = export.build_spec(checkpoint_dir, task.name)
+    variant = precision.apply_torch(copy.deepcopy(spec.module), options.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision, torch.float32)
+    examples, feed = _eval_feeds(checkpoint_dir, task, spec.input_names, options)
+
+    def run(module, chunk, float_dtype):
+        tensors = [torch.from_numpy(a) for a in feed(chunk).values()]
+        tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
+        with torch.inference_mode():
+            return module(*tensors)[0].float().numpy()
+
+    return precision.gate(
+        options.precision,
+        lambda chunk: run(spec.module, chunk, torch.float32),
+        lambda chunk: run(variant, chunk, dtype),
+        examples,
+        classifier=task.outputs[0].labels,
+    )
+
+
+def gate_onnx(
+    checkpoint_dir: Path, task: Task, options: BuildOptions, fp32: Path, variant: Path
+) -> precision.GateReport:
+    """The quantised model.onnx against the fp32 export, both in ONNX Runtime."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    var = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
+    names = [i.name for i in ref.get_inputs()]
+    first = ref.get_outputs()[0].name
+    examples, feed = _eval_feeds(checkpoint_dir, task, names, options)
+    return precision.gate(
+        options.precision,
+        lambda chunk: ref.run([first], feed(chunk))[0],
+        lambda chunk: var.run([first], feed(chunk))[0],
+        examples,
+        classifier=task.outputs[0].labels,
+    )

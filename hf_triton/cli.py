@@ -307,6 +307,7 @@ def _build(args: argparse.Namespace) -> int:
         revision=args.revision or "",
         preprocessing_name=args.preprocessing_name,
         ensemble_name=args.ensemble_name,
+        precision=args.precision,
     )
     result = build.build(
         args.model,
@@ -327,6 +328,8 @@ def _build(args: argparse.Namespace) -> int:
                 f"  validated {name}: max |onnx - torch| = {diff:.2e} "
                 f"(atol {result.validation.atol:g})"
             )
+    for report in result.gates:
+        print(f"  accuracy gate: {report.summary()}")
     if args.serve:
         args.checkpoint = None
         args.model_repository = result.repositories
@@ -426,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--ensemble-name", default="ensemble_model")
     bu.add_argument("--out", type=Path, default=Path("."), help="where the repositories go")
     bu.add_argument("--max-batch-size", type=int, default=8)
+    bu.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8", "fp16"],
+        default="fp32",
+        help="fp32 (reference); bf16: python approach; int8: both approaches; "
+        "fp16: GPU, python approach. Non-fp32 variants must pass the accuracy gate",
+    )
     bu.add_argument("--no-export", action="store_true", help="skip model.onnx")
     bu.add_argument("--serve", action="store_true", help="serve the result right away")
     bu.add_argument("--revision", default=None)

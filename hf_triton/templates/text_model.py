@@ -32,6 +32,25 @@ AUTO_CLASSES = {
 }
 
 
+def _apply_precision(name, model, precision, device):
+    """The model in the requested precision (token ids stay integers)."""
+    if precision == "fp32":
+        return model
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise pb_utils.TritonModelException(f"{name}: precision fp16 needs a KIND_GPU instance")
+        return model.to(torch.float16)
+    if precision == "int8":
+        if device.type != "cpu":
+            raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+    raise pb_utils.TritonModelException(
+        f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
+    )
+
+
 class BadInput(ValueError):
     """A request the model cannot serve; its message goes back to the client as a 400."""
 
@@ -110,7 +129,10 @@ class TritonPythonModel:
         self.pooling = None
         if not set(self.output_names) <= set(TOKENIZER_OUTPUTS):
             auto = getattr(transformers, AUTO_CLASSES[task])
-            self.model = auto.from_pretrained(checkpoint, revision=revision).to(self.device).eval()
+            model = auto.from_pretrained(checkpoint, revision=revision).to(self.device).eval()
+            self.model = _apply_precision(
+                self.name, model, params.get("precision", "fp32"), self.device
+            )
             accepted = inspect.signature(self.model.forward).parameters
             self.model_inputs = [n for n in TOKENIZER_OUTPUTS if n in accepted]
             if task == "text-feature-extraction":
@@ -121,7 +143,9 @@ class TritonPythonModel:
         weights = "pretrained weights"
         if os.path.exists(os.path.join(checkpoint, STANDIN_MARKER)):
             weights = "OFFLINE STAND-IN, RANDOM WEIGHTS: outputs are not meaningful"
-        role = "tokenizer + model" if self.model is not None else "tokenizer only"
+        role = "tokenizer only"
+        if self.model is not None:
+            role = f"tokenizer + model in {params.get('precision', 'fp32')}"
         pb_utils.Logger.log_info(
             f"{self.name}: {role}, task {task}, checkpoint {checkpoint} ({weights}), "
             f"max_length {self.max_length}, pooling {self.pooling}, device {self.device}"
@@ -148,7 +172,7 @@ class TritonPythonModel:
         if self.pooling is None:
             return {"logits": out.logits.float().cpu().numpy()}
         mode, normalize = self.pooling
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state.float()  # pool in fp32 whatever the model's precision
         mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if mode == "cls":
             pooled = hidden[:, 0]

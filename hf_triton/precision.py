@@ -1,0 +1,222 @@
+"""Reduced-precision variants and the accuracy gate that admits them.
+
+Precisions:
+
+* ``fp32`` — the reference;
+* ``bf16`` — PyTorch with the weights in bfloat16 (Python backend). Fast on CPUs with
+  AVX512-BF16/AMX; emulated (slow) elsewhere, which the benchmark shows;
+* ``int8`` — dynamic quantisation of the Linear/MatMul weights: ONNX Runtime's
+  ``quantize_dynamic`` for the exported model, ``torch.ao.quantization.quantize_dynamic``
+  for the Python backend;
+* ``fp16`` — GPUs only (Python backend on a KIND_GPU instance).
+
+Every variant is compared with fp32 on a fixed evaluation set before it is accepted
+(:func:`gate`): cosine similarity per example, and top-1 agreement for classifiers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_triton.errors import HfTritonError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8", "fp16")
+#: Where each precision can run: the python approach, the ensemble's ONNX model.
+PYTHON_PRECISIONS = ("fp32", "bf16", "int8", "fp16")
+ONNX_PRECISIONS = ("fp32", "int8")
+PRECISION_KEY = "hf_triton.precision"
+
+#: The gate: a variant is refused when any example falls below these.
+MIN_COSINE = 0.99
+MIN_TOP1_AGREEMENT = 0.95
+
+
+class GateFailed(HfTritonError):
+    """A reduced-precision variant is too far from fp32."""
+
+
+def check_precision(precision: str, approach: str) -> None:
+    allowed = ONNX_PRECISIONS if approach == "ensemble" else PYTHON_PRECISIONS
+    if precision not in allowed:
+        raise HfTritonError(
+            f"precision {precision!r} is not offered for the {approach} approach; choose one of "
+            f"{', '.join(allowed)} (bf16 runs in the Python backend: ONNX Runtime's CPU kernels "
+            "have no fast bf16 path; fp16 needs a GPU)"
+        )
+
+
+def apply_torch(model: Any, precision: str) -> Any:
+    """The model converted to ``precision``, as the Python-backend model.py does it."""
+    import torch  # noqa: PLC0415
+
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "fp16":
+        return model.to(torch.float16)
+    if precision == "int8":
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def quantize_onnx(src: Path, dst: Path) -> Path:
+    """int8 dynamic quantisation of ``src`` (weights int8, activations quantised per batch)."""
+    import onnx  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    proto = onnx.load(str(dst))
+    proto.metadata_props.add(key=PRECISION_KEY, value="int8")
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@dataclass
+class GateReport:
+    precision: str
+    examples: int
+    min_cosine: float
+    mean_cosine: float
+    top1_agreement: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        ok = self.min_cosine >= MIN_COSINE
+        if self.top1_agreement is not None:
+            ok = ok and self.top1_agreement >= MIN_TOP1_AGREEMENT
+        return ok
+
+    def summary(self) -> str:
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.3f}"
+        verdict = "PASSED" if self.passed else "REFUSED"
+        return (
+            f"{self.precision} vs fp32 on {self.examples} examples: cosine min "
+            f"{self.min_cosine:.5f}, mean {self.mean_cosine:.5f}{top1} -> {verdict} "
+            f"(gate: cosine >= {MIN_COSINE}"
+            + (f", top-1 >= {MIN_TOP1_AGREEMENT}" if self.top1_agreement is not None else "")
+            + ")"
+        )
+
+
+def compare(
+    precision: str, reference: np.ndarray, variant: np.ndarray, classifier: bool
+) -> GateReport:
+    """Per-example cosine (and top-1 agreement) of ``variant`` against ``reference``."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    var = variant.reshape(len(variant), -1).astype(np.float64)
+    cosine = (ref * var).sum(1) / np.maximum(
+        np.linalg.norm(ref, axis=1) * np.linalg.norm(var, axis=1), 1e-12
+    )
+    cosine = np.where(np.isfinite(cosine), cosine, -1.0)
+    top1 = float(np.mean(ref.argmax(1) == var.argmax(1))) if classifier else None
+    return GateReport(precision, len(ref), float(cosine.min()), float(cosine.mean()), top1)
+
+
+def gate(
+    precision: str,
+    run_reference: Callable[[list[Any]], np.ndarray],
+    run_variant: Callable[[list[Any]], np.ndarray],
+    examples: list[Any],
+    classifier: bool,
+    batch: int = 8,
+) -> GateReport:
+    """Run both on ``examples`` in batches; raise :class:`GateFailed` below the thresholds."""
+    refs, vars_ = [], []
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        refs.append(run_reference(chunk))
+        vars_.append(run_variant(chunk))
+    report = compare(precision, np.concatenate(refs), np.concatenate(vars_), classifier)
+    log.info("%s", report.summary())
+    if not report.passed:
+        raise GateFailed(report.summary())
+    return report
+
+
+# -- the fixed evaluation sets ------------------------------------------------------------
+
+
+def eval_images(count: int = 24, seed: int = 0) -> list[np.ndarray]:
+    """Real photos (matplotlib's samples), their crops and flips, then synthetic images."""
+    import matplotlib  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    data = Path(matplotlib.get_data_path(), "sample_data")
+    photos = []
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        with Image.open(data / name) as img:
+            photos.append(np.asarray(img.convert("RGB")))
+    images = []
+    for p in photos:
+        h, w = p.shape[:2]
+        images += [p, p[:, ::-1], p[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], p[::2, ::2]]
+    rng = np.random.default_rng(seed)
+    while len(images) < count:
+        kind = len(images) % 3
+        h, w = int(rng.integers(64, 400)), int(rng.integers(64, 400))
+        if kind == 0:  # smooth gradient, like sky or a wall
+            y, x = np.mgrid[0:h, 0:w]
+            base = np.stack([x / w, y / h, (x + y) / (h + w)], -1) * 255
+            images.append(base.astype(np.uint8))
+        elif kind == 1:  # blocks, like man-made scenes
+            blocks = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            images.append(np.kron(blocks, np.ones((16, 16, 1), np.uint8))[:h, :w])
+        else:
+            images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return images[:count]
+
+
+_SUBJECTS = [
+    "A man",
+    "A woman",
+    "The child",
+    "My neighbour",
+    "The old dog",
+    "A young cat",
+    "The team",
+    "Our teacher",
+    "A tourist",
+    "The chef",
+]
+_VERBS = [
+    "is eating",
+    "is cooking",
+    "is reading",
+    "is painting",
+    "is playing with",
+    "is looking at",
+    "is carrying",
+    "bought",
+    "sold",
+    "found",
+]
+_OBJECTS = [
+    "a piece of bread.",
+    "a red ball.",
+    "the newspaper.",
+    "an old guitar.",
+    "a bowl of soup.",
+    "the blue car.",
+    "a small boat.",
+    "the stock report.",
+    "a bunch of flowers.",
+    "a broken phone.",
+]
+
+
+def eval_sentences(count: int = 300) -> list[str]:
+    """A few hundred deterministic English sentences (subject x verb x object)."""
+    out = []
+    for i in range(count):
+        s = _SUBJECTS[i % 10]
+        v = _VERBS[(i // 10) % 10]
+        o = _OBJECTS[(i // 100 + i) % 10]
+        out.append(f"{s} {v} {o}")
+    return out

@@ -1,0 +1,188 @@
+"""Reduced precision: each variant builds, passes (or correctly fails) its gate, and serves."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.http as httpclient
+from onnx import numpy_helper
+
+from hf_triton import precision
+from hf_triton.build import BuildOptions, build, gate_onnx
+from hf_triton.checkpoints import build_vit_checkpoint
+from hf_triton.serve import PROJECT_ROOT
+from hf_triton.server import free_port
+from hf_triton.tasks import get_task
+
+from conftest import ADMIN_KEY, _wait_ready
+
+#: Big enough that int8 quantisation has real matrices to work on, still ~1 s to build.
+SMALL_VIT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=224,
+    patch_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def small_vit(tmp_path_factory) -> Path:
+    return build_vit_checkpoint(tmp_path_factory.mktemp("pvit") / "vit", seed=1, **SMALL_VIT)
+
+
+def test_gate_statistics():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert precision.compare("x", ref, ref, classifier=True).passed
+    report = precision.compare("x", ref, np.array([[1.0, 0.0], [1.0, 0.1]]), classifier=True)
+    assert not report.passed and report.top1_agreement == 0.5
+    with pytest.raises(precision.GateFailed, match="REFUSED"):
+        precision.gate("x", lambda c: ref[: len(c)], lambda c: -ref[: len(c)], [0, 1], False)
+
+
+def test_eval_sets_are_fixed():
+    assert precision.eval_sentences() == precision.eval_sentences()
+    assert len(set(precision.eval_sentences())) == 300
+    a, b = precision.eval_images(), precision.eval_images()
+    assert len(a) == 24 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "approach,prec", [("python", "bf16"), ("python", "int8"), ("ensemble", "int8")]
+)
+def test_variant_builds_and_passes_the_gate(small_vit, tmp_path, approach, prec):
+    result = build(
+        str(small_vit),
+        small_vit,
+        tmp_path,
+        approach=approach,
+        options=BuildOptions(name=f"vit_{prec}", precision=prec),
+    )
+    assert len(result.gates) == 1 and result.gates[0].passed
+    assert result.gates[0].min_cosine >= precision.MIN_COSINE
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_precisions_the_ensemble_cannot_run_are_refused(small_vit, tmp_path, prec):
+    with pytest.raises(Exception, match="not offered for the ensemble approach"):
+        build(
+            str(small_vit),
+            small_vit,
+            tmp_path,
+            approach="ensemble",
+            options=BuildOptions(precision=prec),
+        )
+
+
+def test_broken_variant_fails_the_gate(small_vit, tmp_path):
+    """A deliberately damaged int8 model must be refused: the gate can fail."""
+    from hf_triton.export import export_onnx
+
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(small_vit, fp32)
+    broken = precision.quantize_onnx(fp32, tmp_path / "int8.onnx")
+    proto = onnx.load(str(broken))
+    rng = np.random.default_rng(0)
+    for init in proto.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.int8 and array.size > 1000:  # the quantised weight matrices
+            noise = rng.integers(-128, 128, array.shape).astype(np.int8)
+            init.CopyFrom(numpy_helper.from_array(noise, init.name))
+    onnx.save(proto, str(broken))
+    with pytest.raises(precision.GateFailed, match="REFUSED"):
+        gate_onnx(
+            small_vit,
+            get_task("image-feature-extraction"),
+            BuildOptions(precision="int8"),
+            fp32,
+            broken,
+        )
+
+
+def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
+    """bf16 (python) and int8 (both approaches) built by the CLI, served next to fp32."""
+    repos = []
+    for prec, approach in (("fp32", "both"), ("bf16", "python"), ("int8", "both")):
+        name = f"v{prec}"
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hf_triton.cli",
+                "build",
+                "--model",
+                str(small_vit),
+                "--name",
+                name,
+                "--precision",
+                prec,
+                "--approach",
+                approach,
+                "--preprocessing-name",
+                f"{name}_pre",
+                "--ensemble-name",
+                f"ensemble_{name}",
+                "--out",
+                str(tmp_path / name),
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        if prec != "fp32":
+            assert "accuracy gate:" in run.stdout and "PASSED" in run.stdout
+        repos += [p for p in (tmp_path / name).iterdir() if p.name.endswith("repository")]
+    http = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "hf_triton.cli",
+        "serve",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--admin-key",
+        ADMIN_KEY,
+        "--probe-interval-s",
+        "0",
+    ]
+    for repo in repos:
+        argv += ["--model-repository", str(repo)]
+    proc = subprocess.Popen(
+        argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    url = f"127.0.0.1:{http}"
+    try:
+        _wait_ready(url, proc, 300)
+        client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+        image = photo.astype(np.uint8)[None]
+
+        def run(model: str) -> np.ndarray:
+            tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
+            tensor.set_data_from_numpy(image)
+            return client.infer(model, [tensor]).as_numpy("last_hidden_state").reshape(-1)
+
+        reference = run("python_vfp32")
+        for model in ("python_vbf16", "python_vint8", "ensemble_vint8", "ensemble_vfp32"):
+            got = run(model)
+            cosine = float(got @ reference / np.linalg.norm(got) / np.linalg.norm(reference))
+            assert cosine >= precision.MIN_COSINE, (model, cosine)
+        params = client.get_model_config("python_vbf16")["parameters"]
+        assert params["precision"]["string_value"] == "bf16"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
