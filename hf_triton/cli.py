@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint
     if checkpoint is None and not args.model_repository:
         checkpoint = checkpoints.DEFAULT_CHECKPOINT
+    if args.container:
+        return _serve_container(args, checkpoint)
     deployment = Deployment.prepare(
         checkpoint,
         args.revision,
@@ -296,6 +299,48 @@ def _csv(kind):
     return lambda text: [kind(x) for x in text.split(",") if x]
 
 
+def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
+    from hf_triton import container  # noqa: PLC0415
+    from hf_triton.serve import Deployment  # noqa: PLC0415
+    from hf_triton.server import ServerConfig  # noqa: PLC0415
+
+    workdir = (args.workdir or Path(".hf_triton")) / "container"
+    deployment = Deployment.prepare(
+        checkpoint,
+        args.revision,
+        repositories=args.model_repository or None,
+        workdir=workdir,
+        allow_standin=not args.no_standin,
+        path_of=lambda c: container.container_checkpoint_path(c.name),
+    )
+    config = ServerConfig(
+        model_repositories=[],
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        admin_key=args.admin_key
+        or os.environ.get("HF_TRITON_ADMIN_KEY")
+        or secrets.token_urlsafe(24),
+    )
+    plan = container.ContainerPlan(
+        engine=args.container,
+        repositories=deployment.repositories,
+        checkpoints={
+            container.container_checkpoint_path(c.name): c.path for c in deployment.weights
+        },
+        config=config,
+        gpus=args.gpus,
+    )
+    print("Build: " + " ".join(plan.build_argv()))
+    print("Run:   " + " ".join(plan.run_argv()))
+    if args.dry_run:
+        return 0
+    plan.check_engine()
+    subprocess.run(plan.build_argv(), check=True)
+    return subprocess.run(plan.run_argv(), check=False).returncode
+
+
 def _build(args: argparse.Namespace) -> int:
     from hf_triton import build  # noqa: PLC0415
 
@@ -390,6 +435,18 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "else a random key, printed)",
     )
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument(
+        "--container",
+        choices=["docker", "podman"],
+        default=None,
+        help="run NVIDIA's Triton container (deploy/Dockerfile) instead of the embedded server",
+    )
+    p.add_argument("--gpus", action="store_true", help="with --container: pass the GPUs in")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --container: print the build and run commands only",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

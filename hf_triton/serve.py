@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,17 @@ def ensure_exported(
 
 
 def stage(
-    repositories: list[Path], dest: Path, checkpoint: checkpoints.Checkpoint | None
+    repositories: list[Path],
+    dest: Path,
+    checkpoint: checkpoints.Checkpoint | None,
+    path_of: Callable[[checkpoints.Checkpoint], str] = lambda c: str(c.path),
 ) -> tuple[list[Path], list[checkpoints.Checkpoint]]:
     """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved.
 
     With ``checkpoint`` given, every model uses it; otherwise each config's own
     ``checkpoint`` (hub id or path) is resolved. Returns the staged repositories and the
-    checkpoints in use.
+    checkpoints in use. ``path_of`` says where a checkpoint is seen by the server (a
+    container mounts it elsewhere).
     """
     if dest.exists():
         shutil.rmtree(dest)
@@ -131,7 +136,7 @@ def stage(
                 revision = cfg.parameters["revision"].string_value or None
                 ckpt = used.get(name) or checkpoints.resolve(name, revision)
             used[ckpt.name] = ckpt
-            cfg.parameters["checkpoint"].string_value = str(ckpt.path)
+            cfg.parameters["checkpoint"].string_value = path_of(ckpt)
             if ckpt.revision:
                 cfg.parameters["revision"].string_value = ckpt.revision
             config_path.unlink()  # never write through a link into the source
@@ -141,10 +146,15 @@ def stage(
 
 
 def _link_or_copy(src: str, dst: str) -> None:
+    # A hard link, not a symlink: it also works where the staged tree is mounted into a
+    # container. Across file systems, a copy.
     if os.path.getsize(src) >= _LINK_BYTES:
-        os.symlink(os.path.realpath(src), dst)
-    else:
-        shutil.copy2(src, dst)
+        try:
+            os.link(os.path.realpath(src), dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 @dataclass
@@ -167,6 +177,7 @@ class Deployment:
         repositories: list[Path] | None = None,
         workdir: Path | None = None,
         allow_standin: bool = True,
+        path_of: Callable[[checkpoints.Checkpoint], str] | None = None,
     ) -> Deployment:
         """Resolve weights, export stale ONNX models, and stage the repositories.
 
@@ -181,7 +192,9 @@ class Deployment:
             for repo in sources:
                 for model_dir in onnx_models(repo):
                     ensure_exported(model_dir, ckpt)
-        staged, used = stage(sources, workdir / "repositories", ckpt)
+        staged, used = stage(
+            sources, workdir / "repositories", ckpt, path_of or (lambda c: str(c.path))
+        )
         for c in used:
             print(f"Weights: {c.describe()}", flush=True)
         if ckpt is not None and not used:
