@@ -15,6 +15,7 @@ A measurement repeats fixed windows until the last three throughputs agree withi
 from __future__ import annotations
 
 import asyncio
+import copy
 import csv
 import importlib.util
 import io
@@ -78,6 +79,7 @@ class Result:
     bytes_per_image: int
     windows: list[float]
     stable: bool
+    precision: str = "fp32"
 
     @property
     def served(self) -> bool:
@@ -213,34 +215,54 @@ async def _in_thread_loop(fn: Callable[[], Any], batch: int, settings: BenchSett
 
 
 def bench_bare(
-    onnx_path: Path, checkpoint: Path, image: np.ndarray, settings: BenchSettings, progress
+    onnx_paths: dict[str, Path],
+    checkpoint: Path,
+    image: np.ndarray,
+    settings: BenchSettings,
+    progress,
+    torch_precisions: tuple[str, ...] = ("fp32",),
 ) -> list[Result]:
+    """Compute only: ONNX Runtime per precision in ``onnx_paths``, PyTorch per precision."""
     import onnxruntime as ort  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from transformers import AutoModel  # noqa: PLC0415
 
+    from hf_triton.precision import apply_torch  # noqa: PLC0415
+
     results = []
     batches = sorted({1, max(settings.concurrency)})
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    model = AutoModel.from_pretrained(checkpoint).eval()
+    sessions = {
+        p: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for p, path in onnx_paths.items()
+    }
+    base = AutoModel.from_pretrained(checkpoint).eval()
+    models = {
+        p: apply_torch(base if p == "fp32" else copy.deepcopy(base), p) for p in torch_precisions
+    }
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     for batch in batches:
         pixels = _pixel_values(checkpoint, image, batch)
-        tensor = torch.from_numpy(pixels)
+        runs: list[tuple[str, str, Callable[[], Any]]] = []
+        for prec, session in sessions.items():
 
-        def run_torch(t=tensor) -> None:
-            with torch.inference_mode():
-                model(pixel_values=t)
+            def run_ort(s=session, p=pixels) -> None:
+                s.run(None, {"pixel_values": p})
 
-        runs = {
-            "bare-onnxruntime": lambda p=pixels: session.run(None, {"pixel_values": p}),
-            "bare-pytorch": run_torch,
-        }
-        for name, fn in runs.items():
-            progress(f"{name} batch {batch}")
+            runs.append(("bare-onnxruntime", prec, run_ort))
+        for prec, model in models.items():
+            tensor = torch.from_numpy(pixels).to(dtypes.get(prec, torch.float32))
+
+            def run_torch(m=model, t=tensor) -> None:
+                with torch.inference_mode():
+                    m(pixel_values=t)
+
+            runs.append(("bare-pytorch", prec, run_torch))
+        for name, prec, fn in runs:
+            progress(f"{name} {prec} batch {batch}")
             windows, lat, errors, stable = asyncio.run(_in_thread_loop(fn, batch, settings))
-            results.append(
-                _result(name, "pixel_values", batch, windows, lat, errors, 0, stable, settings)
-            )
+            result = _result(name, "pixel_values", batch, windows, lat, errors, 0, stable, settings)
+            result.precision = prec
+            results.append(result)
             progress(_line(results[-1]))
     return results
 
@@ -280,15 +302,22 @@ async def _bench_served_one(
     )
 
 
-def bench_served(url: str, image: np.ndarray, settings: BenchSettings, progress) -> list[Result]:
+def bench_served(
+    url: str,
+    image: np.ndarray,
+    settings: BenchSettings,
+    progress,
+    precisions: dict[str, str] | None = None,
+) -> list[Result]:
+    """Every model x format x concurrency; ``precisions`` maps model name -> precision."""
     results = []
     for model in settings.models:
         for fmt in settings.formats:
             for conc in settings.concurrency:
                 progress(f"{model} {fmt} concurrency {conc}")
-                results.append(
-                    asyncio.run(_bench_served_one(url, model, fmt, conc, image, settings))
-                )
+                result = asyncio.run(_bench_served_one(url, model, fmt, conc, image, settings))
+                result.precision = (precisions or {}).get(model, "fp32")
+                results.append(result)
                 progress(_line(results[-1]))
     return results
 
@@ -360,21 +389,34 @@ def best(results: list[Result], name: str, fmt: str | None = None) -> Result | N
 
 def report(results: list[Result], preprocessing: dict[str, float] | None) -> str:
     """The table with ratios, and the targets, as text."""
-    ort_best = best(results, "bare-onnxruntime")
-    ort_b1 = next((r for r in results if r.name == "bare-onnxruntime" and r.concurrency == 1), None)
+    fp32 = [r for r in results if r.precision == "fp32"]
+    ort_best = best(fp32, "bare-onnxruntime")
+    ort_b1 = next((r for r in fp32 if r.name == "bare-onnxruntime" and r.concurrency == 1), None)
     lines = [
-        f"{'name':<18}{'input':<13}{'conc':>5}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'name':<22}{'prec':<6}{'input':<13}{'conc':>5}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
         f"{'p99 ms':>9}{'err':>5}{'KB/img':>9}{'÷ORT':>7}  stable"
     ]
     for r in results:
         ratio = r.throughput / ort_best.throughput if ort_best else float("nan")
         lines.append(
-            f"{r.name:<18}{r.input_format:<13}{r.concurrency:>5}{r.throughput:>9.2f}"
+            f"{r.name:<22}{r.precision:<6}{r.input_format:<13}{r.concurrency:>5}{r.throughput:>9.2f}"
             f"{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}{r.p99_ms:>9.1f}{r.errors:>5}"
             f"{r.bytes_per_image / 1e3:>9.1f}{ratio:>7.2f}  {'yes' if r.stable else 'NO'}"
         )
+    variants = sorted({(r.name, r.precision) for r in results if r.precision != "fp32"})
+    if variants:
+        lines.append("")
+        lines.append("Reduced precision, best throughput ÷ fp32 bare ONNX Runtime:")
+        for name, prec in variants:
+            b = best([r for r in results if r.precision == prec], name)
+            if b and ort_best:
+                lines.append(
+                    f"  {name:<22} {prec:<5} {b.throughput:7.2f} img/s  "
+                    f"{b.throughput / ort_best.throughput:.2f}x"
+                )
+    results = fp32
     lines.append("")
-    lines.append("Ratios at each approach's best concurrency:")
+    lines.append("Ratios at each approach's best concurrency (fp32):")
     formats = sorted({r.input_format for r in results if r.served})
     for fmt in formats:
         ens, py = best(results, "ensemble_model", fmt), best(results, "python_vit", fmt)

@@ -144,24 +144,55 @@ def _bench(args: argparse.Namespace) -> int:
 
     image = bench.sample_image(settings)
     server = None
+    variant_models: dict[str, str] = {}
     if args.url:
         ckpt = checkpoints.resolve(args.checkpoint, args.revision, allow_standin=False)
         onnx_path = args.onnx
+        onnx_paths = {"fp32": onnx_path} if onnx_path else {}
+        if any(p != "fp32" for p in args.precisions):
+            print(
+                "error: --precisions needs the benchmark's own server (no --url)", file=sys.stderr
+            )
+            return 2
     else:
+        workdir = args.workdir or Path(".hf_triton/bench")
+        ckpt = checkpoints.resolve(
+            args.checkpoint, args.revision, allow_standin=not args.no_standin
+        )
+        onnx_path = args.onnx or DEFAULT_REPOSITORIES[1] / "vit" / "1" / "model.onnx"
+        onnx_paths = {"fp32": onnx_path}
+        # Reduced-precision variants: built (and gated) next to fp32, served by one server.
+        sources = list(DEFAULT_REPOSITORIES)
+        for prec in [p for p in args.precisions if p != "fp32"]:
+            built = _build_variant(ckpt, prec, workdir / "variants", progress)
+            if built is None:
+                continue
+            repos, models, variant_onnx = built
+            sources += repos
+            variant_models |= dict.fromkeys(models, prec)
+            if variant_onnx:
+                onnx_paths[prec] = variant_onnx
         deployment = Deployment.prepare(
             args.checkpoint,
             args.revision,
-            workdir=args.workdir or Path(".hf_triton/bench"),
+            repositories=sources,
+            workdir=workdir,
             allow_standin=not args.no_standin,
         )
-        ckpt = deployment.checkpoint
-        onnx_path = args.onnx or DEFAULT_REPOSITORIES[1] / "vit" / "1" / "model.onnx"
+        settings.models = [*settings.models, *variant_models]
     results = []
     if settings.bare:
         if onnx_path is None:
             print("error: --onnx PATH is needed for the bare runs with --url", file=sys.stderr)
             return 2
-        results += bench.bench_bare(onnx_path, ckpt.path, image, settings, progress)
+        results += bench.bench_bare(
+            onnx_paths,
+            ckpt.path,
+            image,
+            settings,
+            progress,
+            torch_precisions=tuple(args.precisions),
+        )
     preprocessing = bench.bench_preprocessing(
         DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py", ckpt.path, image
     )
@@ -177,7 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
             server.start()
             server.wait_ready(args.ready_timeout_s)
             url = f"127.0.0.1:{port}" if settings.protocol == "grpc" else server.http_url[7:]
-        results += bench.bench_served(url, image, settings, progress)
+        results += bench.bench_served(url, image, settings, progress, variant_models)
     finally:
         if server is not None:
             server.stop()
@@ -191,6 +222,31 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"error: {errors} requests failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _build_variant(ckpt, prec: str, root: Path, progress):
+    """Build the ViT variant in ``prec`` (gated); None when the gate refuses it."""
+    from hf_triton import build, precision  # noqa: PLC0415
+
+    approach = "both" if prec in precision.ONNX_PRECISIONS else "python"
+    options = build.BuildOptions(
+        name=f"vit_{prec}",
+        preprocessing_name=f"preprocessing_{prec}",
+        ensemble_name=f"ensemble_model_{prec}",
+        precision=prec,
+    )
+    out = root / prec
+    progress(f"building the {prec} variant ({approach}) and its accuracy gate")
+    try:
+        result = build.build(ckpt.name, ckpt.path, out, approach=approach, options=options)
+    except precision.GateFailed as e:
+        progress(f"{prec} variant refused by the accuracy gate: {e}")
+        return None
+    for report in result.gates:
+        progress(f"accuracy gate: {report.summary()}")
+    models = [m for m in result.models if m.startswith(("python_", "ensemble_model"))]
+    onnx = out / "ensemble_model_repository" / options.name / "1" / "model.onnx"
+    return result.repositories, models, onnx if onnx.exists() else None
 
 
 def _soak(args: argparse.Namespace) -> int:
@@ -539,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up on stability (3 windows within 10%%) after this many",
     )
     b.add_argument("--no-bare", action="store_true", help="skip bare ONNX Runtime / PyTorch")
+    b.add_argument(
+        "--precisions",
+        type=_csv(str),
+        default=["fp32"],
+        help="e.g. fp32,bf16,int8: build (gated) and measure these variants, served "
+        "and bare, next to fp32",
+    )
     b.add_argument(
         "--url",
         default=None,

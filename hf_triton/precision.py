@@ -72,7 +72,14 @@ def quantize_onnx(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    source_meta = {
+        p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props
+    }
     proto = onnx.load(str(dst))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    for key, value in source_meta.items():  # keep the export record (checkpoint, task)
+        if key not in meta:
+            proto.metadata_props.add(key=key, value=value)
     proto.metadata_props.add(key=PRECISION_KEY, value="int8")
     onnx.save(proto, str(dst))
     return dst
