@@ -17,9 +17,25 @@ from hf_triton import checkpoints
 from hf_triton.errors import HfTritonError
 
 
+def _server_config(args: argparse.Namespace):
+    """The tritonserver flags from the serve options (embedded and container alike)."""
+    from hf_triton.server import ServerConfig  # noqa: PLC0415
+
+    return ServerConfig(
+        model_repositories=[],
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+        admin_key=args.admin_key
+        or os.environ.get("HF_TRITON_ADMIN_KEY")
+        or secrets.token_urlsafe(24),
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from hf_triton.serve import Deployment, entry_models  # noqa: PLC0415
-    from hf_triton.server import ServerConfig  # noqa: PLC0415
     from hf_triton.supervise import Supervisor  # noqa: PLC0415
 
     checkpoint = args.checkpoint
@@ -34,17 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         allow_standin=not args.no_standin,
     )
-    config = ServerConfig(
-        model_repositories=[],
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_verbose=args.log_verbose,
-        admin_key=args.admin_key
-        or os.environ.get("HF_TRITON_ADMIN_KEY")
-        or secrets.token_urlsafe(24),
-    )
+    config = _server_config(args)
     server = deployment.server(config)
     stopping = False
 
@@ -358,7 +364,6 @@ def _csv(kind):
 def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
     from hf_triton import container  # noqa: PLC0415
     from hf_triton.serve import Deployment  # noqa: PLC0415
-    from hf_triton.server import ServerConfig  # noqa: PLC0415
 
     workdir = (args.workdir or Path(".hf_triton")) / "container"
     deployment = Deployment.prepare(
@@ -369,16 +374,7 @@ def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
         allow_standin=not args.no_standin,
         path_of=lambda c: container.container_checkpoint_path(c.name),
     )
-    config = ServerConfig(
-        model_repositories=[],
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        admin_key=args.admin_key
-        or os.environ.get("HF_TRITON_ADMIN_KEY")
-        or secrets.token_urlsafe(24),
-    )
+    config = _server_config(args)
     plan = container.ContainerPlan(
         engine=args.container,
         repositories=deployment.repositories,

@@ -49,39 +49,107 @@ def photo() -> np.ndarray:
 
 
 @dataclass
-class RunningServer:
+class Launched:
+    """A launcher (`hf-triton serve`, what run_server.sh runs) started by a test."""
+
     url: str  # host:port for tritonclient.http
     grpc_url: str
     workdir: Path
-    repositories: Path
-    checkpoint: Path
-    process: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
 
     def log(self) -> str:
         return (self.workdir / "tritonserver.log").read_text(errors="replace")
 
+    def stop(self) -> int:
+        """SIGINT (Ctrl-C), as a user stops it; kill only past a deadline."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
 
-def _wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float) -> None:
+
+def launch(
+    repositories: list[Path],
+    workdir: Path,
+    checkpoint: Path | None = None,
+    extra: tuple[str, ...] = (),
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Launched:
+    """Start the project's launcher on free ports and wait until the server is ready."""
+    http, grpc = free_port(), free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "hf_triton.cli",
+        "serve",
+        "--workdir",
+        str(workdir),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(free_port()),
+        "--admin-key",
+        ADMIN_KEY,
+        *extra,
+    ]
+    if checkpoint is not None:
+        argv += ["--checkpoint", str(checkpoint)]
+    for repo in repositories:
+        argv += ["--model-repository", str(repo)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "launcher.out"
+    with out.open("wb") as f:
+        proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    launched = Launched(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", workdir, proc, out)
+    try:
+        _wait_ready(launched, ready_timeout_s)
+    except BaseException:
+        launched.stop()
+        raise
+    return launched
+
+
+def _wait_ready(launched: Launched, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"launcher exited with {proc.returncode}:\n{out}")
+        if launched.proc.poll() is not None:
+            raise RuntimeError(
+                f"launcher exited with {launched.proc.returncode}:\n{launched.output()}"
+            )
         try:
-            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{launched.url}/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"server at {url} not ready after {timeout_s} s")
+    raise TimeoutError(f"server at {launched.url} not ready after {timeout_s} s")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    grpc_url: str
+    workdir: Path
+    repositories: Path
+    checkpoint: Path
+    process: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="session")
 def server(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
 ) -> Iterator[RunningServer]:
-    """The project's launcher (`hf-triton serve`, what run_server.sh runs) on free ports.
+    """The tutorial's repositories served by the project's launcher with a tiny ViT.
 
     Serves copies of both repositories so the tiny export never lands in the source tree.
     """
@@ -89,45 +157,15 @@ def server(
     repos = root / "repos"
     for repo in DEFAULT_REPOSITORIES:
         shutil.copytree(repo, repos / repo.name, ignore=shutil.ignore_patterns("*.onnx"))
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "hf_triton.cli",
-        "serve",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--model-repository",
-        str(repos / "python_model_repository"),
-        "--model-repository",
-        str(repos / "ensemble_model_repository"),
-        "--workdir",
-        str(root / "work"),
-        "--admin-key",
-        ADMIN_KEY,
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(grpc),
-        "--metrics-port",
-        str(metrics),
-    ]
-    proc = subprocess.Popen(
-        argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    launched = launch(
+        [repos / r.name for r in DEFAULT_REPOSITORIES], root / "work", tiny_checkpoint
     )
-    url = f"127.0.0.1:{http}"
-    running = RunningServer(url, f"127.0.0.1:{grpc}", root / "work", repos, tiny_checkpoint, proc)
     try:
-        _wait_ready(url, proc, READY_TIMEOUT_S)
-        yield running
+        yield RunningServer(
+            launched.url, launched.grpc_url, launched.workdir, repos, tiny_checkpoint, launched.proc
+        )
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        launched.stop()
 
 
 @pytest.fixture(scope="session")

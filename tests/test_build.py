@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,9 +21,8 @@ from hf_triton.build import build
 from hf_triton.checkpoints import offline_copy
 from hf_triton.export import Pooling
 from hf_triton.serve import DEFAULT_REPOSITORIES, PROJECT_ROOT
-from hf_triton.server import free_port
 
-from conftest import ADMIN_KEY, TINY_VIT, _wait_ready
+from conftest import TINY_VIT, launch
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_BERT = dict(
@@ -195,40 +193,11 @@ def built(tmp_path_factory) -> Iterator[tuple[str, dict[str, Path]]]:
             root / name / "python_model_repository",
             root / name / "ensemble_model_repository",
         ]
-    http = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "hf_triton.cli",
-        "serve",
-        "--workdir",
-        str(root / "work"),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--admin-key",
-        ADMIN_KEY,
-        "--probe-interval-s",
-        "0",
-    ]
-    for repo in repos:
-        argv += ["--model-repository", str(repo)]
-    proc = subprocess.Popen(
-        argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"127.0.0.1:{http}"
+    launched = launch(repos, root / "work", extra=("--probe-interval-s", "0"), ready_timeout_s=600)
     try:
-        _wait_ready(url, proc, 600)
-        yield url, ckpts
+        yield launched.url, ckpts
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        launched.stop()
 
 
 def _models(task: str) -> list[str]:

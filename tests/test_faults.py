@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,65 +14,21 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from hf_triton.serve import PROJECT_ROOT
-from hf_triton.server import free_port
 from hf_triton.soak import process_tree, run_soak, shm_regions
 
-from conftest import ADMIN_KEY, _wait_ready
+from conftest import Launched, launch
 
 FAULT_REPOSITORY = Path(__file__).parent / "fault_repository"
 RECOVERY_LIMIT_S = 90.0
 
 
-@dataclass
-class Launched:
-    url: str
-    proc: subprocess.Popen[bytes]
-    out: Path
-
-    def output(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-def launch(tmp: Path, checkpoint: Path, probe_interval_s: float = 0.0) -> Launched:
-    http = free_port()
-    out = tmp / "launcher.out"
-    argv = [
-        sys.executable,
-        "-m",
-        "hf_triton.cli",
-        "serve",
-        "--checkpoint",
-        str(checkpoint),
-        "--model-repository",
-        str(FAULT_REPOSITORY),
-        "--workdir",
-        str(tmp / "work"),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--admin-key",
-        ADMIN_KEY,
-        "--probe-interval-s",
-        str(probe_interval_s),
-    ]
-    with out.open("wb") as f:
-        proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=f, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{http}"
-    _wait_ready(url, proc, 120)  # type: ignore[arg-type]
-    return Launched(url, proc, out)
+def _launch(tmp: Path, checkpoint: Path, probe_interval_s: float = 0.0) -> Launched:
+    return launch(
+        [FAULT_REPOSITORY],
+        tmp / "work",
+        checkpoint,
+        extra=("--probe-interval-s", str(probe_interval_s)),
+    )
 
 
 def double(url: str, x: np.ndarray, timeout_s: float = 30.0) -> np.ndarray:
@@ -87,7 +40,7 @@ def double(url: str, x: np.ndarray, timeout_s: float = 30.0) -> np.ndarray:
 
 @pytest.fixture
 def fault_server(tmp_path, tiny_checkpoint) -> Iterator[Launched]:
-    launched = launch(tmp_path, tiny_checkpoint, probe_interval_s=1.0)
+    launched = _launch(tmp_path, tiny_checkpoint, probe_interval_s=1.0)
     try:
         yield launched
     finally:
@@ -139,7 +92,7 @@ def test_killed_stub_is_detected_and_service_recovers(fault_server):
 
 def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
     before = shm_regions()
-    launched = launch(tmp_path, tiny_checkpoint)
+    launched = _launch(tmp_path, tiny_checkpoint)
     n = 64
 
     def one(i: int) -> str:
@@ -162,7 +115,7 @@ def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
 
 
 def test_soak_exactly_once_bounded_memory(tmp_path, tiny_checkpoint):
-    launched = launch(tmp_path, tiny_checkpoint)
+    launched = _launch(tmp_path, tiny_checkpoint)
     try:
         report = run_soak(
             send=lambda i: double(launched.url, np.array([[float(i), float(-i - 2)]])),

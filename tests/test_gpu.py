@@ -7,17 +7,13 @@ Never run on this project's CI machines (no GPU); run them where `nvidia-smi` wo
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from hf_triton.serve import DEFAULT_REPOSITORIES, PROJECT_ROOT, read_config
-from hf_triton.server import free_port
+from hf_triton.serve import DEFAULT_REPOSITORIES, read_config
 
-from conftest import ADMIN_KEY, _wait_ready
+from conftest import launch
 from helpers import assert_close, infer
 
 pytestmark = [
@@ -36,39 +32,11 @@ def test_kind_gpu_instance_serves_the_same_numbers(tmp_path, tiny_checkpoint, ph
     cfg = read_config(config_path)
     cfg.instance_group[0].kind = model_config_pb2.ModelInstanceGroup.KIND_GPU
     config_path.write_text(text_format.MessageToString(cfg))
-    http = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "serve",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--model-repository",
-            str(repo),
-            "--workdir",
-            str(tmp_path / "w"),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--admin-key",
-            ADMIN_KEY,
-        ],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launched = launch([repo], tmp_path / "w", tiny_checkpoint)
     try:
-        _wait_ready(f"127.0.0.1:{http}", proc, 300)
-        got = infer(f"127.0.0.1:{http}", "python_vit", photo[None])
+        got = infer(launched.url, "python_vit", photo[None])
         assert_close(got, reference([photo]), 1e-3)
-        log = (tmp_path / "w" / "tritonserver.log").read_text()
+        log = launched.log()
         assert "device cuda:0" in log
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        launched.stop()

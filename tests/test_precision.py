@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,9 @@ from hf_triton import precision
 from hf_triton.build import BuildOptions, build, gate_onnx
 from hf_triton.checkpoints import build_vit_checkpoint
 from hf_triton.serve import PROJECT_ROOT
-from hf_triton.server import free_port
 from hf_triton.tasks import get_task
 
-from conftest import ADMIN_KEY, _wait_ready
+from conftest import launch
 
 #: Big enough that int8 quantisation has real matrices to work on, still ~1 s to build.
 SMALL_VIT = dict(
@@ -141,33 +139,9 @@ def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
         if prec != "fp32":
             assert "accuracy gate:" in run.stdout and "PASSED" in run.stdout
         repos += [p for p in (tmp_path / name).iterdir() if p.name.endswith("repository")]
-    http = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "hf_triton.cli",
-        "serve",
-        "--workdir",
-        str(tmp_path / "w"),
-        "--http-port",
-        str(http),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--admin-key",
-        ADMIN_KEY,
-        "--probe-interval-s",
-        "0",
-    ]
-    for repo in repos:
-        argv += ["--model-repository", str(repo)]
-    proc = subprocess.Popen(
-        argv, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"127.0.0.1:{http}"
+    launched = launch(repos, tmp_path / "w", extra=("--probe-interval-s", "0"))
+    url = launched.url
     try:
-        _wait_ready(url, proc, 300)
         client = httpclient.InferenceServerClient(url=url, network_timeout=120)
         image = photo.astype(np.uint8)[None]
 
@@ -184,5 +158,4 @@ def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
         params = client.get_model_config("python_vbf16")["parameters"]
         assert params["precision"]["string_value"] == "bf16"
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        launched.stop()
