@@ -32,6 +32,19 @@ AUTO_CLASSES = {
 }
 
 
+def _quantize_int8(model):
+    """Dynamic int8, per-channel weights; the feed-forward output projections (fed by GELU's
+    outliers) stay fp32. The same rule as hf_triton.precision, whose gate admitted it."""
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not (name.endswith("output.dense") and "attention" not in name)
+    }
+    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
 def _apply_precision(name, model, precision, device):
     """The model in the requested precision (token ids stay integers)."""
     if precision == "fp32":
@@ -45,7 +58,7 @@ def _apply_precision(name, model, precision, device):
     if precision == "int8":
         if device.type != "cpu":
             raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+        return _quantize_int8(model)
     raise pb_utils.TritonModelException(
         f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
     )

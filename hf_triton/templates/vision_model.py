@@ -50,6 +50,19 @@ STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 MAX_SIDE_PX = 8192
 
 
+def _quantize_int8(model):
+    """Dynamic int8, per-channel weights; the feed-forward output projections (fed by GELU's
+    outliers) stay fp32. The same rule as hf_triton.precision, whose gate admitted it."""
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not (name.endswith("output.dense") and "attention" not in name)
+    }
+    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
 def _apply_precision(name, model, precision, device):
     """The model in the requested precision; the input dtype it expects."""
     if precision == "fp32":
@@ -63,8 +76,7 @@ def _apply_precision(name, model, precision, device):
     if precision == "int8":
         if device.type != "cpu":
             raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
-        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
-        return quantized, torch.float32
+        return _quantize_int8(model), torch.float32
     raise pb_utils.TritonModelException(
         f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
     )

@@ -50,6 +50,38 @@ STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 MAX_SIDE_PX = 8192
 
 
+def _quantize_int8(model):
+    """Dynamic int8, per-channel weights; the feed-forward output projections (fed by GELU's
+    outliers) stay fp32. The same rule as hf_triton.precision, whose gate admitted it."""
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not (name.endswith("output.dense") and "attention" not in name)
+    }
+    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def _apply_precision(name, model, precision, device):
+    """The model in the requested precision; the input dtype it expects."""
+    if precision == "fp32":
+        return model, torch.float32
+    if precision == "bf16":
+        return model.to(torch.bfloat16), torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise pb_utils.TritonModelException(f"{name}: precision fp16 needs a KIND_GPU instance")
+        return model.to(torch.float16), torch.float16
+    if precision == "int8":
+        if device.type != "cpu":
+            raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
+        return _quantize_int8(model), torch.float32
+    raise pb_utils.TritonModelException(
+        f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
+    )
+
+
 class BadInput(ValueError):
     """A request the model cannot serve; its message goes back to the client as a 400."""
 
@@ -175,14 +207,18 @@ class TritonPythonModel:
         self.model = None
         if self.output_names != [PIXEL_VALUES]:
             auto = getattr(transformers, AUTO_CLASSES[task])
-            self.model = auto.from_pretrained(checkpoint, revision=revision)
-            self.model.to(self.device).eval()
+            model = auto.from_pretrained(checkpoint, revision=revision).to(self.device).eval()
+            self.model, self.input_dtype = _apply_precision(
+                self.name, model, params.get("precision", "fp32"), self.device
+            )
             self._check_outputs()
 
         weights = "pretrained weights"
         if os.path.exists(os.path.join(checkpoint, STANDIN_MARKER)):
             weights = "OFFLINE STAND-IN, RANDOM WEIGHTS: outputs are not meaningful"
-        role = "processor + model" if self.model is not None else "processor only"
+        role = "processor only"
+        if self.model is not None:
+            role = f"processor + model in {params.get('precision', 'fp32')}"
         pb_utils.Logger.log_info(
             f"{self.name}: {role}, checkpoint {checkpoint} ({weights}), "
             f"{type(self.processor).__name__} ({'vectorized' if self.fast else 'reference'}), "
@@ -194,7 +230,8 @@ class TritonPythonModel:
         size = self.processor.size
         height, width = size.get("height", 224), size.get("width", 224)
         with torch.inference_mode():
-            out = self.model(pixel_values=torch.zeros(1, 3, height, width, device=self.device))
+            pixels = torch.zeros(1, 3, height, width, device=self.device, dtype=self.input_dtype)
+            out = self.model(pixel_values=pixels)
         missing = [n for n in self.output_names if getattr(out, n, None) is None]
         if missing:
             available = [k for k, v in out.items() if v is not None]
@@ -263,7 +300,8 @@ class TritonPythonModel:
             outputs = {PIXEL_VALUES: pixel_values}
         else:
             with torch.inference_mode():
-                out = self.model(pixel_values=torch.from_numpy(pixel_values).to(self.device))
+                pixels = torch.from_numpy(pixel_values).to(self.device, self.input_dtype)
+                out = self.model(pixel_values=pixels)
             outputs = {n: getattr(out, n).float().cpu().numpy() for n in self.output_names}
 
         start = 0
