@@ -60,3 +60,45 @@ def test_benchmark_smoke(server, tmp_path):
     assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert (tmp_path / "results.csv").read_text().startswith("name,")
+
+
+def test_benchmark_over_http(server, tmp_path):
+    """The async HTTP load generator, on one model and format."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_triton.cli",
+            "bench",
+            "--url",
+            server.url,
+            "--protocol",
+            "http",
+            "--no-bare",
+            "--checkpoint",
+            str(server.checkpoint),
+            "--models",
+            "python_vit",
+            "--formats",
+            "uint8",
+            "--concurrency",
+            "2",
+            "--window-s",
+            "0.3",
+            "--min-requests",
+            "3",
+            "--warmup-s",
+            "0.2",
+            "--max-windows",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["name"], r["errors"]) for r in rows] == [("python_vit", 0)]

@@ -157,9 +157,14 @@ SHORT = {
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Iterator[tuple[str, dict[str, Path]]]:
+def built_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("built")
+
+
+@pytest.fixture(scope="module")
+def built(built_root) -> Iterator[tuple[str, dict[str, Path]]]:
     """Build every task (tiny) plus the real all-MiniLM-L6-v2 with the CLI; serve them all."""
-    root = tmp_path_factory.mktemp("built")
+    root = built_root
     ckpts = make_checkpoints(root / "ckpt")
     ckpts["minilm"] = Path(str(offline_copy(MINILM)))
     repos = []
@@ -198,6 +203,16 @@ def built(tmp_path_factory) -> Iterator[tuple[str, dict[str, Path]]]:
         yield launched.url, ckpts
     finally:
         launched.stop()
+
+
+def test_generated_configs_parse_with_triton_schema(built, built_root):
+    """Every config.pbtxt that build wrote is valid under Triton's own schema."""
+    from hf_triton.serve import read_config
+
+    configs = [p for p in built_root.rglob("config.pbtxt") if "work" not in p.parts]
+    assert len(configs) >= 4 * 4  # four builds x (python, preprocessing, onnx, ensemble)
+    for path in configs:
+        assert read_config(path).name == path.parent.name
 
 
 def _models(task: str) -> list[str]:

@@ -130,3 +130,19 @@ def test_soak_exactly_once_bounded_memory(tmp_path, tiny_checkpoint):
     print(report.summary())
     assert not report.errors and report.wrong == 0 and not report.not_exactly_once
     assert report.rss_growth < 32 * 2**20, report.summary()
+
+
+def test_client_timeout_leaves_the_server_serving(fault_server):
+    """Clients that give up mid-request (timeout, cancel) must not hurt the server."""
+
+    def abandon(_: int) -> str:
+        try:
+            double(fault_server.url, np.array([[5.0]]), timeout_s=0.001)
+        except Exception as e:  # the client's own timeout
+            return type(e).__name__
+        return "answered"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(abandon, range(16)))
+    assert outcomes.count("answered") < 16  # the timeouts really happened
+    np.testing.assert_array_equal(double(fault_server.url, np.array([[7.0]])), [[14.0]])
