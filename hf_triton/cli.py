@@ -165,10 +165,11 @@ def _bench(args: argparse.Namespace) -> int:
         ckpt = checkpoints.resolve(
             args.checkpoint, args.revision, allow_standin=not args.no_standin
         )
-        onnx_path = args.onnx or DEFAULT_REPOSITORIES[1] / "vit" / "1" / "model.onnx"
+        repositories = args.model_repository or list(DEFAULT_REPOSITORIES)
+        onnx_path = args.onnx or repositories[-1] / "vit" / "1" / "model.onnx"
         onnx_paths = {"fp32": onnx_path}
         # Reduced-precision variants: built (and gated) next to fp32, served by one server.
-        sources = list(DEFAULT_REPOSITORIES)
+        sources = list(repositories)
         for prec in [p for p in args.precisions if p != "fp32"]:
             built = _build_variant(ckpt, prec, workdir / "variants", progress)
             if built is None:
@@ -605,6 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
         "starting one; needs --onnx for the bare runs",
     )
     b.add_argument("--onnx", type=Path, default=None, help="model.onnx for the bare run")
+    b.add_argument(
+        "--model-repository",
+        type=Path,
+        action="append",
+        help="python and ensemble repositories to serve (default: this project's; "
+        "the ensemble one last)",
+    )
     b.add_argument("--out", type=Path, default=Path("bench_results"))
     b.add_argument("--ready-timeout-s", type=float, default=600.0)
     b.set_defaults(func=_bench)

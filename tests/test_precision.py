@@ -159,3 +159,61 @@ def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
         assert params["precision"]["string_value"] == "bf16"
     finally:
         launched.stop()
+
+
+def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
+    """`bench --precisions`: the int8 variant is built, gated, served and measured bare."""
+    import json
+    import shutil
+
+    from hf_triton.serve import DEFAULT_REPOSITORIES
+
+    repos = [tmp_path / r.name for r in DEFAULT_REPOSITORIES]  # the export lands here
+    for src, dst in zip(DEFAULT_REPOSITORIES, repos, strict=True):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx"))
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hf_triton.cli",
+            "bench",
+            "--checkpoint",
+            str(small_vit),
+            "--precisions",
+            "fp32,int8",
+            "--formats",
+            "uint8",
+            "--concurrency",
+            "1",
+            "--models",
+            "ensemble_model",
+            "--window-s",
+            "0.3",
+            "--min-requests",
+            "3",
+            "--warmup-s",
+            "0.2",
+            "--max-windows",
+            "3",
+            "--workdir",
+            str(tmp_path / "w"),
+            *(a for r in repos for a in ("--model-repository", str(r))),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "accuracy gate: int8" in run.stdout
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    seen = {(r["name"], r["precision"]) for r in rows}
+    assert {
+        ("ensemble_model_int8", "int8"),
+        ("bare-onnxruntime", "int8"),
+        ("bare-pytorch", "int8"),
+        ("ensemble_model", "fp32"),
+    } <= seen
