@@ -3,6 +3,7 @@ supported task served both ways by the real server and compared with transformer
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -108,6 +109,8 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
         BertConfig,
         BertForSequenceClassification,
         BertModel,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
         ViTConfig,
         ViTForImageClassification,
         ViTImageProcessor,
@@ -145,6 +148,23 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     ).save_pretrained(path)
     _tokenizer_into(path)
     made["text-classification"] = path
+
+    # DistilBERT takes no token_type_ids although its (BERT) tokenizer makes them.
+    path = root / "distilbert-cls"
+    DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=30522,
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=128,
+            num_labels=2,
+            id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        )
+    ).save_pretrained(path)
+    _tokenizer_into(path)
+    made["distilbert"] = path
     return made
 
 
@@ -153,6 +173,7 @@ SHORT = {
     "text-feature-extraction": "bertst",
     "text-classification": "bertcls",
     "minilm": "minilm",
+    "distilbert": "distil",
 }
 
 
@@ -224,7 +245,7 @@ def _send_text(url, model, texts, class_count=0):
     data = np.array([[t.encode()] for t in texts], dtype=object)
     tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
-    name = "sentence_embedding" if "st" in model or "minilm" in model else "logits"
+    name = "sentence_embedding" if model.endswith(("bertst", "minilm")) else "logits"
     out = httpclient.InferRequestedOutput(name, class_count=class_count)
     return client.infer(model, [tensor], outputs=[out]).as_numpy(name)
 
@@ -236,6 +257,8 @@ def _reference_text(path: Path, task: str, texts: list[str]) -> np.ndarray:
     auto = getattr(transformers, tasks.get_task(task).auto_class)
     model = auto.from_pretrained(path).eval()
     enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    enc = {k: v for k, v in enc.items() if k in accepted}
     with torch.inference_mode():
         out = model(**enc)
     if task == "text-classification":
@@ -268,11 +291,12 @@ def test_minilm_related_sentences_score_higher(built, approach):
 
 
 @pytest.mark.parametrize("approach", [0, 1], ids=["python", "ensemble"])
-def test_text_classification_logits_and_labels(built, approach):
+@pytest.mark.parametrize("which", ["text-classification", "distilbert"])
+def test_text_classification_logits_and_labels(built, approach, which):
     url, ckpts = built
-    model = _models("text-classification")[approach]
+    model = _models(which)[approach]
     got = _send_text(url, model, SENTENCES[:3])
-    want = _reference_text(ckpts["text-classification"], "text-classification", SENTENCES[:3])
+    want = _reference_text(ckpts[which], "text-classification", SENTENCES[:3])
     np.testing.assert_allclose(got, want, atol=1e-4)
     top = _send_text(url, model, SENTENCES[:1], class_count=2)
     labels = {entry.decode().split(":")[2] for entry in top.reshape(-1)}
