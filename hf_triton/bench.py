@@ -490,10 +490,17 @@ def plot(results: list[Result], path: Path) -> None:
         x = [r.concurrency for r in rs]
         ax_t.plot(x, [r.throughput for r in rs], style, marker="o", label=f"{name} {fmt}")
         ax_l.plot(x, [r.p50_ms for r in rs], style, marker="o", label=f"{name} {fmt} p50")
+    styles = {"fp32": ":", "int8": "-.", "bf16": (0, (1, 4)), "fp16": (0, (3, 1))}
     for name, color in (("bare-onnxruntime", "black"), ("bare-pytorch", "gray")):
-        b = best(results, name)
-        if b:
-            ax_t.axhline(b.throughput, color=color, linestyle=":", label=f"{name} (best batch)")
+        for prec in sorted({r.precision for r in results if r.name == name}):
+            b = best([r for r in results if r.precision == prec], name)
+            if b:
+                ax_t.axhline(
+                    b.throughput,
+                    color=color,
+                    linestyle=styles.get(prec, ":"),
+                    label=f"{name} {prec} (best batch)",
+                )
     ax_t.set(
         xscale="log",
         xlabel="concurrency (requests in flight)",
@@ -507,12 +514,22 @@ def plot(results: list[Result], path: Path) -> None:
         ylabel="ms",
         title="Latency p50 per request",
     )
+    concurrencies = sorted({r.concurrency for r in results if r.served})
+    for ax in (ax_t, ax_l):
+        if concurrencies:
+            ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            ax.minorticks_off()
     for ax in (ax_t, ax_l):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load(path: Path) -> list[Result]:
+    """Results saved by :func:`save` (results.json), e.g. to redraw a plot."""
+    return [Result(**row) for row in json.loads(path.read_text())["results"]]
 
 
 def save(results: list[Result], preprocessing, machine: dict, out_dir: Path) -> dict[str, Path]:
