@@ -51,6 +51,7 @@ class BuildResult:
     task: Task
     repositories: list[Path] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    entry_models: list[str] = field(default_factory=list)  # what clients call
     validation: export.ValidationReport | None = None
     gates: list[precision.GateReport] = field(default_factory=list)
 
@@ -301,6 +302,7 @@ def build(
         )
         result.repositories.append(repo)
         result.models.append(name)
+        result.entry_models.append(name)
 
     if approach in ("ensemble", "both"):
         repo = out / "ensemble_model_repository"
@@ -348,6 +350,7 @@ def build(
                     variant.unlink(missing_ok=True)
         result.repositories.append(repo)
         result.models += [options.preprocessing_name, options.name, options.ensemble_name]
+        result.entry_models.append(options.ensemble_name)
     return result
 
 
@@ -385,14 +388,10 @@ def _write_onnx_config(model_dir: Path, options: BuildOptions, labels: list[str]
         f'name: "{options.name}"',
         'backend: "onnxruntime"',
         "",
-        "# One instance using every core: the model's GEMMs already spread over all cores, and",
-        '# more instances on a small CPU only oversubscribe them (see README, "Throughput").',
-        "instance_group [",
-        "  {",
-        "    count: 1",
-        "    kind: KIND_CPU",
-        "  }",
-        "]",
+        *_instances(
+            "One instance using every core: the model's GEMMs already spread over all cores, and\n"
+            'more instances on a small CPU only oversubscribe them (see README, "Throughput").'
+        ),
         "",
         *_batching(options, "Requests that queue while a batch runs are merged into the next one."),
         "",

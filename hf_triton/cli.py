@@ -251,7 +251,7 @@ def _build_variant(ckpt, prec: str, root: Path, progress):
         return None
     for report in result.gates:
         progress(f"accuracy gate: {report.summary()}")
-    models = [m for m in result.models if m.startswith(("python_", "ensemble_model"))]
+    models = result.entry_models
     onnx = out / "ensemble_model_repository" / options.name / "1" / "model.onnx"
     return result.repositories, models, onnx if onnx.exists() else None
 

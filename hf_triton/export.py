@@ -125,6 +125,7 @@ class ExportSpec:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     sample: Any  # (batch, seed) -> dict[str, np.ndarray]
+    task: str = ""
 
 
 def build_spec(checkpoint: str | Path, task_name: str | None = None) -> ExportSpec:
@@ -169,6 +170,7 @@ def build_spec(checkpoint: str | Path, task_name: str | None = None) -> ExportSp
             names,
             {n: {0: "batch_size"} for n in ["pixel_values", *names]},
             image_sample,
+            task.name,
         )
 
     import inspect  # noqa: PLC0415
@@ -208,7 +210,7 @@ def build_spec(checkpoint: str | Path, task_name: str | None = None) -> ExportSp
 
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in inputs}
     axes[out_name] = {0: "batch_size"}
-    return ExportSpec(TextModule().eval(), inputs, [out_name], axes, text_sample)
+    return ExportSpec(TextModule().eval(), inputs, [out_name], axes, text_sample, task.name)
 
 
 def export_onnx(
@@ -253,9 +255,7 @@ def export_onnx(
             )
         proto = onnx.load(str(tmp))
         proto.metadata_props.add(key=CHECKPOINT_KEY, value=str(checkpoint))
-        proto.metadata_props.add(
-            key=TASK_KEY, value=task or tasks.infer_task(read_config(checkpoint))
-        )
+        proto.metadata_props.add(key=TASK_KEY, value=spec.task)
         onnx.save(proto, str(tmp))
         report = validate_onnx(tmp, checkpoint, atol=atol, spec=spec)
         os.replace(tmp, output)

@@ -98,15 +98,16 @@ def stage(
     repositories: list[Path],
     dest: Path,
     checkpoint: checkpoints.Checkpoint | None,
-    path_of: Callable[[checkpoints.Checkpoint], str] = lambda c: str(c.path),
+    path_of: Callable[[checkpoints.Checkpoint], str] | None = None,
 ) -> tuple[list[Path], list[checkpoints.Checkpoint]]:
     """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved.
 
     With ``checkpoint`` given, every model uses it; otherwise each config's own
     ``checkpoint`` (hub id or path) is resolved. Returns the staged repositories and the
     checkpoints in use. ``path_of`` says where a checkpoint is seen by the server (a
-    container mounts it elsewhere).
+    container mounts it elsewhere); by default its local path.
     """
+    path_of = path_of or (lambda c: str(c.path))
     if dest.exists():
         shutil.rmtree(dest)
     staged: list[Path] = []
@@ -192,9 +193,7 @@ class Deployment:
             for repo in sources:
                 for model_dir in onnx_models(repo):
                     ensure_exported(model_dir, ckpt)
-        staged, used = stage(
-            sources, workdir / "repositories", ckpt, path_of or (lambda c: str(c.path))
-        )
+        staged, used = stage(sources, workdir / "repositories", ckpt, path_of)
         for c in used:
             print(f"Weights: {c.describe()}", flush=True)
         if ckpt is not None and not used:

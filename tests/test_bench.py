@@ -16,38 +16,33 @@ def test_stability_rule():
     assert not bench._stable([10.0, 10.0], 0.10)  # needs three windows
 
 
-def test_benchmark_smoke(server, tmp_path):
-    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
-    grpc = server.grpc_url
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "bench",
-            "--url",
-            grpc,
-            "--onnx",
-            str(onnx),
-            "--checkpoint",
-            str(server.checkpoint),
-            "--concurrency",
-            "1,2",
-            "--window-s",
-            "0.3",
-            "--min-requests",
-            "3",
-            "--warmup-s",
-            "0.2",
-            "--max-windows",
-            "3",
-            "--out",
-            str(tmp_path),
-        ],
+#: Seconds, not minutes: short windows, few requests per window, at most three windows.
+QUICK = ["--window-s", "0.3", "--min-requests", "3", "--warmup-s", "0.2", "--max-windows", "3"]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hf_triton.cli", "bench", *QUICK, *args],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_benchmark_smoke(server, tmp_path):
+    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+    run = run_bench(
+        "--url",
+        server.grpc_url,
+        "--onnx",
+        str(onnx),
+        "--checkpoint",
+        str(server.checkpoint),
+        "--concurrency",
+        "1,2",
+        "--out",
+        str(tmp_path),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "ensemble ÷ python_vit" in run.stdout and "Targets:" in run.stdout
@@ -64,40 +59,22 @@ def test_benchmark_smoke(server, tmp_path):
 
 def test_benchmark_over_http(server, tmp_path):
     """The async HTTP load generator, on one model and format."""
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "bench",
-            "--url",
-            server.url,
-            "--protocol",
-            "http",
-            "--no-bare",
-            "--checkpoint",
-            str(server.checkpoint),
-            "--models",
-            "python_vit",
-            "--formats",
-            "uint8",
-            "--concurrency",
-            "2",
-            "--window-s",
-            "0.3",
-            "--min-requests",
-            "3",
-            "--warmup-s",
-            "0.2",
-            "--max-windows",
-            "3",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_bench(
+        "--url",
+        server.url,
+        "--protocol",
+        "http",
+        "--no-bare",
+        "--checkpoint",
+        str(server.checkpoint),
+        "--models",
+        "python_vit",
+        "--formats",
+        "uint8",
+        "--concurrency",
+        "2",
+        "--out",
+        str(tmp_path),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
