@@ -190,7 +190,11 @@ def _bench(args: argparse.Namespace) -> int:
     results = []
     if settings.bare:
         if onnx_path is None:
-            print("error: --onnx PATH is needed for the bare runs with --url", file=sys.stderr)
+            print(
+                "error: with --url the bare runs need --onnx PATH (the served model.onnx), "
+                "or pass --no-bare",
+                file=sys.stderr,
+            )
             return 2
         results += bench.bench_bare(
             onnx_paths,
