@@ -31,7 +31,7 @@ FORMATS = {
 def default_image() -> Path:
     """A real photo available offline: matplotlib's sample of Grace Hopper (600 x 512)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
     except ImportError:
         sys.exit("error: no --image given and matplotlib (which ships the sample photo) is missing")
     return Path(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
@@ -68,8 +68,8 @@ def infer(
     timeout_s: float = 60.0,
 ) -> dict:
     """One HTTP request with a batch of images; every output of the model as numpy."""
-    import tritonclient.http as httpclient  # noqa: PLC0415
-    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(
         url=url, connection_timeout=timeout_s, network_timeout=timeout_s
@@ -110,8 +110,8 @@ def infer(
 
 def infer_text(url: str, model_name: str, texts: list[str], timeout_s: float = 60.0) -> dict:
     """One HTTP request with a batch of texts (the ``text`` BYTES input)."""
-    import tritonclient.http as httpclient  # noqa: PLC0415
-    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s)
     try:

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from hf_triton.errors import HfTritonError
+
 log = logging.getLogger(__name__)
+
+
+class BenchError(HfTritonError):
+    """The benchmark was asked for something it cannot measure."""
+
 
 FORMATS = {
     "fp32": ("image", "FP32"),
@@ -152,7 +159,7 @@ async def measure(
     return windows, latencies, errors, stable
 
 
-def _result(name, fmt, conc, windows, latencies, errors, nbytes, stable, settings) -> Result:
+def _result(name, fmt, conc, windows, latencies, errors, nbytes, stable) -> Result:
     p50, p95, p99 = _percentiles(latencies)
     return Result(
         name=name,
@@ -172,7 +179,7 @@ def _result(name, fmt, conc, windows, latencies, errors, nbytes, stable, setting
 
 def sample_image(settings: BenchSettings) -> np.ndarray:
     """The offline photo resized to the benchmark's size, uint8 H x W x 3."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     path = Path(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
     with Image.open(path) as img:
@@ -199,10 +206,12 @@ def payload_bytes(tensor: np.ndarray) -> int:
 
 
 def _pixel_values(checkpoint: Path, image: np.ndarray, batch: int) -> np.ndarray:
-    from transformers import AutoImageProcessor  # noqa: PLC0415
+    from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
-    pixels = processor(images=[image], return_tensors="np")["pixel_values"]
+    pixels = processor(images=[image], input_data_format="channels_last", return_tensors="np")[
+        "pixel_values"
+    ]
     return np.repeat(pixels, batch, axis=0)
 
 
@@ -223,11 +232,11 @@ def bench_bare(
     torch_precisions: tuple[str, ...] = ("fp32",),
 ) -> list[Result]:
     """Compute only: ONNX Runtime per precision in ``onnx_paths``, PyTorch per precision."""
-    import onnxruntime as ort  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from transformers import AutoModel  # noqa: PLC0415
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel
 
-    from hf_triton.precision import apply_torch  # noqa: PLC0415
+    from hf_triton.precision import apply_torch
 
     results = []
     batches = sorted({1, max(settings.concurrency)})
@@ -260,7 +269,7 @@ def bench_bare(
         for name, prec, fn in runs:
             progress(f"{name} {prec} batch {batch}")
             windows, lat, errors, stable = asyncio.run(_in_thread_loop(fn, batch, settings))
-            result = _result(name, "pixel_values", batch, windows, lat, errors, 0, stable, settings)
+            result = _result(name, "pixel_values", batch, windows, lat, errors, 0, stable)
             result.precision = prec
             results.append(result)
             progress(_line(results[-1]))
@@ -272,10 +281,10 @@ def bench_bare(
 
 def _client(protocol: str, url: str):
     if protocol == "grpc":
-        import tritonclient.grpc.aio as grpcclient  # noqa: PLC0415
+        import tritonclient.grpc.aio as grpcclient
 
         return grpcclient, grpcclient.InferenceServerClient(url=url)
-    import tritonclient.http.aio as httpclient  # noqa: PLC0415
+    import tritonclient.http.aio as httpclient
 
     return httpclient, httpclient.InferenceServerClient(url=url, conn_limit=256)
 
@@ -297,9 +306,7 @@ async def _bench_served_one(
         windows, lat, errors, stable = await measure(call, conc, settings)
     finally:
         await client.close()
-    return _result(
-        model, fmt, conc, windows, lat, errors, payload_bytes(tensor_data), stable, settings
-    )
+    return _result(model, fmt, conc, windows, lat, errors, payload_bytes(tensor_data), stable)
 
 
 def bench_served(
@@ -325,14 +332,21 @@ def bench_served(
 # -- preprocessing ------------------------------------------------------------------------
 
 
-def _load_model_py(path: Path) -> types.ModuleType:
-    # model.py imports Triton's utilities, which only exist inside the server; the
-    # preprocessing classes measured here never touch them.
+def load_model_py(path: Path) -> types.ModuleType:
+    """Import a generated model.py outside Triton (with the hf_common.py beside it).
+
+    model.py imports Triton's utilities, which only exist inside the server; the
+    preprocessing classes used from here never touch them.
+    """
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils_unused"))
-    spec = importlib.util.spec_from_file_location("hf_triton_bench_model", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"model_{abs(hash(path))}", path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
@@ -340,17 +354,16 @@ def bench_preprocessing(
     model_py: Path, checkpoint: Path, image: np.ndarray, batch: int = 8, repeats: int = 5
 ) -> dict[str, float]:
     """Milliseconds per image: Hugging Face processor vs the vectorised path, same batch."""
-    from transformers import AutoImageProcessor  # noqa: PLC0415
+    from transformers import AutoImageProcessor
 
-    module = _load_model_py(model_py)
+    module = load_model_py(model_py)
     processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     fast = module.VectorizedImageProcessor(processor)
     images = [image] * batch
+    loaders = [lambda: image] * batch
 
     def reference():
-        return processor(images=images, return_tensors="np", input_data_format="channels_last")[
-            "pixel_values"
-        ]
+        return module.process(processor, images)
 
     def timed(fn):
         fn()
@@ -361,8 +374,8 @@ def bench_preprocessing(
             best = min(best, time.perf_counter() - start)
         return best * 1e3 / batch
 
-    diff = float(np.max(np.abs(reference() - fast(images))))
-    ref_ms, fast_ms = timed(reference), timed(lambda: fast(images))
+    diff = float(np.max(np.abs(reference() - fast(loaders))))
+    ref_ms, fast_ms = timed(reference), timed(lambda: fast(loaders))
     return {
         "reference_ms": ref_ms,
         "vectorized_ms": fast_ms,
@@ -474,10 +487,10 @@ def report(results: list[Result], preprocessing: dict[str, float] | None) -> str
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(13, 5))
     served = sorted({(r.name, r.input_format) for r in results if r.served})
@@ -554,8 +567,8 @@ def save(results: list[Result], preprocessing, machine: dict, out_dir: Path) -> 
 
 
 def machine_description() -> dict[str, Any]:
-    import os  # noqa: PLC0415
-    import platform  # noqa: PLC0415
+    import os
+    import platform
 
     cpu = ""
     try:
@@ -571,3 +584,146 @@ def machine_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRun:
+    """What to measure: the served side (a running server, or one started here on the
+    repositories) and the bare side (the exported model.onnx and the checkpoint)."""
+
+    checkpoint: str = ""  # hub id or directory; default: the tutorial's checkpoint
+    revision: str | None = None
+    allow_standin: bool = True
+    repositories: list[Path] = field(default_factory=list)  # default: this project's
+    workdir: Path = Path(".hf_triton/bench")
+    url: str | None = None  # host:port of a running server (protocol's port)
+    onnx: Path | None = None  # the served model.onnx, for the bare runs
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    ready_timeout_s: float = 600.0
+    settings: BenchSettings = field(default_factory=BenchSettings)
+
+
+@dataclass
+class BenchReport:
+    results: list[Result]
+    preprocessing: dict[str, float]
+    machine: dict[str, Any]
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.results)
+
+    def text(self) -> str:
+        return report(self.results, self.preprocessing)
+
+
+def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchReport:
+    """Measure bare compute and the served models for ``options``, in one process."""
+    from hf_triton import checkpoints
+    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment
+    from hf_triton.server import ServerConfig, free_port
+
+    settings = options.settings
+    name = options.checkpoint or checkpoints.DEFAULT_CHECKPOINT
+    if options.url and any(p != "fp32" for p in options.precisions):
+        raise BenchError("--precisions needs the benchmark's own server (no --url)")
+    if options.url and settings.bare and options.onnx is None:
+        raise BenchError(
+            "with --url the bare runs need --onnx PATH (the served model.onnx), or pass --no-bare"
+        )
+    ckpt = checkpoints.resolve(
+        name, options.revision, allow_standin=options.allow_standin and not options.url
+    )
+    progress(f"weights: {ckpt.describe()}")
+    image = sample_image(settings)
+    variant_models: dict[str, str] = {}
+    deployment = None
+    onnx_paths: dict[str, Path] = {}
+    if options.url:
+        if options.onnx is not None:
+            onnx_paths["fp32"] = options.onnx
+    else:
+        repositories = options.repositories or list(DEFAULT_REPOSITORIES)
+        onnx_paths["fp32"] = options.onnx or repositories[-1] / "vit" / "1" / "model.onnx"
+        sources = list(repositories)
+        for prec in [p for p in options.precisions if p != "fp32"]:
+            built = build_variant(ckpt, prec, options.workdir / "variants", progress)
+            if built is None:
+                continue
+            repos, models, variant_onnx = built
+            sources += repos
+            variant_models |= dict.fromkeys(models, prec)
+            if variant_onnx:
+                onnx_paths[prec] = variant_onnx
+        # Exports fp32 model.onnx into the first repositories when stale, then stages them.
+        deployment = Deployment.prepare(
+            name,
+            options.revision,
+            repositories=sources,
+            workdir=options.workdir,
+            allow_standin=options.allow_standin,
+        )
+        settings.models = [*settings.models, *variant_models]
+    results: list[Result] = []
+    if settings.bare:
+        results += bench_bare(
+            onnx_paths,
+            ckpt.path,
+            image,
+            settings,
+            progress,
+            torch_precisions=tuple(options.precisions),
+        )
+    preprocessing = bench_preprocessing(
+        DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py", ckpt.path, image
+    )
+    server = None
+    url = options.url
+    try:
+        if deployment is not None:
+            port = free_port()
+            config = ServerConfig(
+                [], http_port=free_port(), grpc_port=port, metrics_port=free_port()
+            )
+            server = deployment.server(config)
+            progress(f"starting Triton (log: {server.log_path})")
+            server.start()
+            server.wait_ready(options.ready_timeout_s)
+            url = f"127.0.0.1:{port}" if settings.protocol == "grpc" else server.http_url[7:]
+        assert url is not None
+        results += bench_served(url, image, settings, progress, variant_models)
+    finally:
+        if server is not None:
+            server.stop()
+    machine = machine_description() | {"weights": ckpt.describe()}
+    return BenchReport(results, preprocessing, machine)
+
+
+def build_variant(ckpt: Any, prec: str, root: Path, progress: Callable[[str], None]):
+    """Build the checkpoint's variant in ``prec`` (gated) under ``root``: its repositories,
+    entry models and model.onnx (if any), or None when the gate refuses it."""
+    from hf_triton import build, precision
+    from hf_triton.spec import ModelSpec
+
+    approach = "both" if prec in precision.ONNX_PRECISIONS else "python"
+    options = build.BuildOptions(
+        name=f"vit_{prec}",
+        preprocessing_name=f"preprocessing_{prec}",
+        ensemble_name=f"ensemble_model_{prec}",
+        precision=prec,
+    )
+    out = root / prec
+    progress(f"building the {prec} variant ({approach}) and its accuracy gate")
+    spec = ModelSpec.resolve(ckpt.path, checkpoint=ckpt.name)
+    try:
+        result = build.build(spec, out, approach=approach, options=options)
+    except precision.GateFailed as e:
+        progress(f"{prec} variant refused by the accuracy gate: {e}")
+        return None
+    for gate_report in result.gates:
+        progress(f"accuracy gate: {gate_report.summary()}")
+    onnx = out / "ensemble_model_repository" / options.name / "1" / "model.onnx"
+    return result.repositories, result.entry_models, onnx if onnx.exists() else None

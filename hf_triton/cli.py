@@ -1,4 +1,7 @@
-"""Command line: ``hf-triton serve|export|bench|soak`` (the shell scripts call these)."""
+"""Command line: ``hf-triton serve|build|export|bench|soak|inspect``; the shell scripts call it.
+
+Each command parses its arguments, makes one library call and prints what it returned.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +18,11 @@ from pathlib import Path
 
 from hf_triton import checkpoints
 from hf_triton.errors import HfTritonError
+from hf_triton.server import ServerConfig
 
 
-def _server_config(args: argparse.Namespace):
+def _server_config(args: argparse.Namespace) -> ServerConfig:
     """The tritonserver flags from the serve options (embedded and container alike)."""
-    from hf_triton.server import ServerConfig  # noqa: PLC0415
-
     return ServerConfig(
         model_repositories=[],
         host=args.host,
@@ -35,8 +37,8 @@ def _server_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hf_triton.serve import Deployment, entry_models  # noqa: PLC0415
-    from hf_triton.supervise import Supervisor  # noqa: PLC0415
+    from hf_triton.serve import Deployment, entry_models
+    from hf_triton.supervise import Supervisor
 
     checkpoint = args.checkpoint
     if checkpoint is None and not args.model_repository:
@@ -52,71 +54,42 @@ def _serve(args: argparse.Namespace) -> int:
     )
     config = _server_config(args)
     server = deployment.server(config)
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    key_file = server.workdir / "admin-key"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.chmod(0o600)
-    key_file.write_text(config.admin_key or "")
-    print(f"Starting Triton (log: {server.log_path}) ...", flush=True)
+    key_file = server.write_admin_key()
+    models = entry_models(deployment.repositories)
+    supervisor = Supervisor(server, models, interval_s=args.probe_interval_s, on_event=_say)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     started = time.monotonic()
-    server.start()
-    try:
-        server.wait_ready(args.ready_timeout_s)
-        states = server.model_states()
+
+    def ready() -> None:
         print(
             f"Ready in {time.monotonic() - started:.1f} s on {server.http_url} "
             f"(gRPC {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port})"
         )
-        for name, state in sorted(states.items()):
+        for name, state in sorted(server.model_states().items()):
             print(f"  {name:<16} {state}")
         print(
             f"Restricted APIs ({', '.join(config.restricted_apis)}) need the header "
-            f"'admin-key: {config.admin_key}' (gRPC: 'triton-grpc-protocol-admin-key'; "
-            f"saved in {key_file})"
+            f"'admin-key: <key in {key_file}>' (gRPC: 'triton-grpc-protocol-admin-key')"
         )
-        print(
-            "Try: python client.py --model_name ensemble_model   (Ctrl-C stops the server)",
-            flush=True,
-        )
-        supervisor = Supervisor(
-            server, entry_models(deployment.repositories), interval_s=args.probe_interval_s
-        )
+        print(f"Try: python client.py --model_name {models[0]}   (Ctrl-C stops the server)")
         if supervisor.interval_s > 0:
             print(
-                f"Probing {', '.join(supervisor.models)} with a real inference every "
-                f"{supervisor.interval_s:g} s; a dead model restarts the server.",
-                flush=True,
+                f"Probing {', '.join(models)} with a real inference every "
+                f"{supervisor.interval_s:g} s; a dead model restarts the server."
             )
-        next_probe = time.monotonic() + supervisor.interval_s
-        while not stopping:
-            time.sleep(0.5)
-            if supervisor.interval_s > 0 and time.monotonic() >= next_probe:
-                supervisor.step()
-                next_probe = time.monotonic() + supervisor.interval_s
-            elif not server.is_alive():
-                if supervisor.interval_s <= 0:
-                    print(server.logs()[-3000:], file=sys.stderr)
-                    print("tritonserver exited unexpectedly (log above).", file=sys.stderr)
-                    return 1
-                supervisor.step()
-        print("Stopping ...", flush=True)
-        return 0
-    finally:
-        code = server.stop()
-        if stopping:
-            print(f"Stopped (exit code {code}).")
+        sys.stdout.flush()
+
+    print(f"Starting Triton (log: {server.log_path}) ...", flush=True)
+    supervisor.run(stop, args.ready_timeout_s, on_ready=ready)
+    if stop.is_set():
+        print(f"Stopped (exit code {server.returncode}).")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hf_triton import export  # noqa: PLC0415
+    from hf_triton import export
 
     ckpt = checkpoints.resolve(args.checkpoint, args.revision, allow_standin=not args.no_standin)
     print(f"Weights: {ckpt.describe()}")
@@ -128,176 +101,61 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from hf_triton import bench  # noqa: PLC0415
-    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment  # noqa: PLC0415
-    from hf_triton.server import ServerConfig, free_port  # noqa: PLC0415
+    from hf_triton import bench
 
-    settings = bench.BenchSettings(
-        concurrency=args.concurrency,
-        formats=args.formats,
-        models=args.models,
-        protocol=args.protocol,
-        window_s=args.window_s,
-        min_requests=args.min_requests,
-        warmup_s=args.warmup_s,
-        max_windows=args.max_windows,
-        bare=not args.no_bare,
+    options = bench.BenchRun(
+        checkpoint=args.checkpoint,
+        revision=args.revision,
+        allow_standin=not args.no_standin,
+        repositories=args.model_repository or [],
+        workdir=args.workdir or Path(".hf_triton/bench"),
+        url=args.url,
+        onnx=args.onnx,
+        precisions=args.precisions,
+        ready_timeout_s=args.ready_timeout_s,
+        settings=bench.BenchSettings(
+            concurrency=args.concurrency,
+            formats=args.formats,
+            models=args.models,
+            protocol=args.protocol,
+            window_s=args.window_s,
+            min_requests=args.min_requests,
+            warmup_s=args.warmup_s,
+            max_windows=args.max_windows,
+            bare=not args.no_bare,
+        ),
     )
     started = time.monotonic()
 
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
 
-    image = bench.sample_image(settings)
-    server = None
-    variant_models: dict[str, str] = {}
-    if args.url:
-        ckpt = checkpoints.resolve(args.checkpoint, args.revision, allow_standin=False)
-        onnx_path = args.onnx
-        onnx_paths = {"fp32": onnx_path} if onnx_path else {}
-        if any(p != "fp32" for p in args.precisions):
-            print(
-                "error: --precisions needs the benchmark's own server (no --url)", file=sys.stderr
-            )
-            return 2
-    else:
-        workdir = args.workdir or Path(".hf_triton/bench")
-        ckpt = checkpoints.resolve(
-            args.checkpoint, args.revision, allow_standin=not args.no_standin
-        )
-        repositories = args.model_repository or list(DEFAULT_REPOSITORIES)
-        onnx_path = args.onnx or repositories[-1] / "vit" / "1" / "model.onnx"
-        onnx_paths = {"fp32": onnx_path}
-        # Reduced-precision variants: built (and gated) next to fp32, served by one server.
-        sources = list(repositories)
-        for prec in [p for p in args.precisions if p != "fp32"]:
-            built = _build_variant(ckpt, prec, workdir / "variants", progress)
-            if built is None:
-                continue
-            repos, models, variant_onnx = built
-            sources += repos
-            variant_models |= dict.fromkeys(models, prec)
-            if variant_onnx:
-                onnx_paths[prec] = variant_onnx
-        deployment = Deployment.prepare(
-            args.checkpoint,
-            args.revision,
-            repositories=sources,
-            workdir=workdir,
-            allow_standin=not args.no_standin,
-        )
-        settings.models = [*settings.models, *variant_models]
-    results = []
-    if settings.bare:
-        if onnx_path is None:
-            print(
-                "error: with --url the bare runs need --onnx PATH (the served model.onnx), "
-                "or pass --no-bare",
-                file=sys.stderr,
-            )
-            return 2
-        results += bench.bench_bare(
-            onnx_paths,
-            ckpt.path,
-            image,
-            settings,
-            progress,
-            torch_precisions=tuple(args.precisions),
-        )
-    preprocessing = bench.bench_preprocessing(
-        DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py", ckpt.path, image
-    )
-    url = args.url
-    try:
-        if not url:
-            port = free_port()
-            config = ServerConfig(
-                [], http_port=free_port(), grpc_port=port, metrics_port=free_port()
-            )
-            server = deployment.server(config)
-            progress(f"starting Triton (log: {server.log_path})")
-            server.start()
-            server.wait_ready(args.ready_timeout_s)
-            url = f"127.0.0.1:{port}" if settings.protocol == "grpc" else server.http_url[7:]
-        results += bench.bench_served(url, image, settings, progress, variant_models)
-    finally:
-        if server is not None:
-            server.stop()
-    machine = bench.machine_description()
-    print(f"\nMachine: {machine['cpu']}, {machine['cores']} cores; weights: {ckpt.describe()}")
-    print(bench.report(results, preprocessing))
-    paths = bench.save(results, preprocessing, machine | {"weights": ckpt.describe()}, args.out)
+    result = bench.run(options, progress)
+    machine = result.machine
+    print(f"\nMachine: {machine['cpu']}, {machine['cores']} cores; weights: {machine['weights']}")
+    print(result.text())
+    paths = bench.save(result.results, result.preprocessing, machine, args.out)
     print("\nWrote " + ", ".join(str(p) for p in paths.values()))
-    errors = sum(r.errors for r in results)
-    if errors:
-        print(f"error: {errors} requests failed", file=sys.stderr)
+    if result.errors:
+        print(f"error: {result.errors} requests failed", file=sys.stderr)
         return 1
     return 0
 
 
-def _build_variant(ckpt, prec: str, root: Path, progress):
-    """Build the ViT variant in ``prec`` (gated); None when the gate refuses it."""
-    from hf_triton import build, precision  # noqa: PLC0415
-
-    approach = "both" if prec in precision.ONNX_PRECISIONS else "python"
-    options = build.BuildOptions(
-        name=f"vit_{prec}",
-        preprocessing_name=f"preprocessing_{prec}",
-        ensemble_name=f"ensemble_model_{prec}",
-        precision=prec,
-    )
-    out = root / prec
-    progress(f"building the {prec} variant ({approach}) and its accuracy gate")
-    try:
-        result = build.build(ckpt.name, ckpt.path, out, approach=approach, options=options)
-    except precision.GateFailed as e:
-        progress(f"{prec} variant refused by the accuracy gate: {e}")
-        return None
-    for report in result.gates:
-        progress(f"accuracy gate: {report.summary()}")
-    models = result.entry_models
-    onnx = out / "ensemble_model_repository" / options.name / "1" / "model.onnx"
-    return result.repositories, models, onnx if onnx.exists() else None
-
-
 def _soak(args: argparse.Namespace) -> int:
-    import numpy as np  # noqa: PLC0415
-    import tritonclient.http as httpclient  # noqa: PLC0415
+    from hf_triton import soak
 
-    from hf_triton.soak import run_soak, shm_regions  # noqa: PLC0415
-
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (48 + i, 64, 3), dtype=np.uint8) for i in range(16)]
-    first: dict[int, np.ndarray] = {}
-    local = threading.local()
-
-    def send(i: int) -> np.ndarray:
-        if not hasattr(local, "client"):
-            local.client = httpclient.InferenceServerClient(url=args.url, network_timeout=120)
-        image = images[i % len(images)][None]
-        tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
-        tensor.set_data_from_numpy(image)
-        return local.client.infer(args.model, [tensor]).as_numpy(args.output)
-
-    def check(i: int, out: np.ndarray) -> bool:
-        # Each image's first answer is its reference; any mix-up between requests shows.
-        ref = first.setdefault(i % len(images), out)
-        return out.shape[0] == 1 and bool(np.allclose(out, ref, atol=1e-4))
-
-    def progress(message: str) -> None:
-        print(message, flush=True)
-
-    report = run_soak(
-        send,
-        check,
+    report = soak.run(
+        args.url,
+        args.model,
         args.requests,
         args.concurrency,
+        args.warmup,
         args.server_pid,
-        warmup=args.warmup,
-        progress=progress,
+        progress=_say,
     )
     print(report.summary())
-    print(f"Triton shared-memory regions in /dev/shm now: {len(shm_regions())}")
+    print(f"Triton shared-memory regions in /dev/shm now: {len(soak.shm_regions())}")
     for error in report.errors[:5]:
         print(f"  {error}")
     bad = report.errors or report.wrong or report.not_exactly_once
@@ -305,60 +163,9 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    """Inputs and outputs of an ONNX file or of a served model (what Netron shows)."""
-    rows: list[tuple[str, str, str, str]] = []
-    if args.target.endswith(".onnx") or Path(args.target).is_file():
-        import onnx  # noqa: PLC0415
+    from hf_triton.describe import describe
 
-        proto = onnx.load(args.target, load_external_data=False)
-        graph = proto.graph
-        initializers = {i.name for i in graph.initializer}
-
-        def shape(vi) -> str:
-            dims = vi.type.tensor_type.shape.dim
-            return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + "]"
-
-        def dtype(vi) -> str:
-            return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
-
-        rows += [
-            ("input", i.name, dtype(i), shape(i)) for i in graph.input if i.name not in initializers
-        ]
-        rows += [("output", o.name, dtype(o), shape(o)) for o in graph.output]
-        opsets = ", ".join(
-            str(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")
-        )
-        meta = {p.key: p.value for p in proto.metadata_props}
-        print(f"{args.target}: opset {opsets}; " + "; ".join(f"{k}={v}" for k, v in meta.items()))
-    else:
-        import tritonclient.http as httpclient  # noqa: PLC0415
-        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
-        client = httpclient.InferenceServerClient(url=args.url)
-        try:
-            meta = client.get_model_metadata(args.target)
-            config = client.get_model_config(args.target)
-        except (InferenceServerException, OSError) as e:
-            print(f"error: cannot read model '{args.target}' at {args.url}: {e}", file=sys.stderr)
-            return 1
-        batch = int(config.get("max_batch_size", 0))
-        optional = {i["name"] for i in config.get("input", []) if i.get("optional")}
-        rows += [
-            (
-                "input" + (" (optional)" if i["name"] in optional else ""),
-                i["name"],
-                i["datatype"],
-                str(i["shape"]),
-            )
-            for i in meta["inputs"]
-        ]
-        rows += [("output", o["name"], o["datatype"], str(o["shape"])) for o in meta["outputs"]]
-        print(
-            f"{args.target} at {args.url}: platform {meta.get('platform')}, "
-            f"max_batch_size {batch} (-1 in shapes: variable; the first is the batch)"
-        )
-    for kind, name, dtype_, shape_ in rows:
-        print(f"  {kind:<18} {name:<22} {dtype_:<8} {shape_}")
+    print(describe(args.target, args.url).text())
     return 0
 
 
@@ -367,8 +174,8 @@ def _csv(kind):
 
 
 def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
-    from hf_triton import container  # noqa: PLC0415
-    from hf_triton.serve import Deployment  # noqa: PLC0415
+    from hf_triton import container
+    from hf_triton.serve import Deployment
 
     workdir = (args.workdir or Path(".hf_triton")) / "container"
     deployment = Deployment.prepare(
@@ -379,18 +186,17 @@ def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
         allow_standin=not args.no_standin,
         path_of=lambda c: container.container_checkpoint_path(c.name),
     )
-    config = _server_config(args)
     plan = container.ContainerPlan(
         engine=args.container,
         repositories=deployment.repositories,
         checkpoints={
             container.container_checkpoint_path(c.name): c.path for c in deployment.weights
         },
-        config=config,
+        config=_server_config(args),
         gpus=args.gpus,
     )
     print("Build: " + " ".join(plan.build_argv()))
-    print("Run:   " + " ".join(plan.run_argv()))
+    print("Run:   " + " ".join(plan.run_argv(redact=True)))
     if args.dry_run:
         return 0
     plan.check_engine()
@@ -399,10 +205,14 @@ def _serve_container(args: argparse.Namespace, checkpoint: str | None) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from hf_triton import build  # noqa: PLC0415
+    from hf_triton import build
+    from hf_triton.spec import ModelSpec
 
     ckpt = checkpoints.resolve(args.model, args.revision, allow_standin=not args.no_standin)
     print(f"Weights: {ckpt.describe()}")
+    spec = ModelSpec.resolve(
+        ckpt.path, args.task, checkpoint=args.model, max_length=args.max_length
+    )
     options = build.BuildOptions(
         name=args.name,
         max_batch_size=args.max_batch_size,
@@ -411,15 +221,7 @@ def _build(args: argparse.Namespace) -> int:
         ensemble_name=args.ensemble_name,
         precision=args.precision,
     )
-    result = build.build(
-        args.model,
-        ckpt.path,
-        args.out,
-        args.task,
-        args.approach,
-        options,
-        export_onnx=not args.no_export,
-    )
+    result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
     for repo in result.repositories:
         print(f"Wrote {repo}")
@@ -433,12 +235,17 @@ def _build(args: argparse.Namespace) -> int:
     for report in result.gates:
         print(f"  accuracy gate: {report.summary()}")
     if args.serve:
-        args.checkpoint = None
-        args.model_repository = result.repositories
-        return _serve(args)
+        serve_args = argparse.Namespace(**vars(args))
+        serve_args.checkpoint = None
+        serve_args.model_repository = result.repositories
+        return _serve(serve_args)
     serve_cmd = " ".join(f"--model-repository {r}" for r in result.repositories)
     print(f"Serve them: ./run_server.sh {serve_cmd}")
     return 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -544,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--out", type=Path, default=Path("."), help="where the repositories go")
     bu.add_argument("--max-batch-size", type=int, default=8)
     bu.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="text: tokens per text (default: the checkpoint's max_seq_length or positions)",
+    )
+    bu.add_argument(
         "--precision",
         choices=["fp32", "bf16", "int8", "fp16"],
         default="fp32",
@@ -645,18 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_transformers() -> None:
     # Progress bars and advisory warnings (e.g. the PIL fallback of image processors)
     # drown what the launcher says; --verbose brings them back.
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _configure_logging(verbose: bool) -> None:
+    """The package's INFO messages are the launcher's progress: plain lines on stdout."""
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    package = logging.getLogger("hf_triton")
+    package.addHandler(console)
+    package.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
     if not args.verbose:
         _quiet_transformers()
     try:

@@ -67,7 +67,8 @@ class ContainerPlan:
             str(DOCKERFILE.parent),
         ]
 
-    def run_argv(self) -> list[str]:
+    def run_argv(self, redact: bool = False) -> list[str]:
+        """The run command; ``redact`` hides the admin key (for printing)."""
         c = self.config
         publish_host = "" if c.host in ("0.0.0.0", "") else f"{c.host}:"
         argv = [self.engine, "run", "--rm", "--init", f"--shm-size={SHM_SIZE}"]
@@ -88,7 +89,7 @@ class ContainerPlan:
             metrics_port=c.metrics_port,
             default_max_batch_size=c.default_max_batch_size,
             exit_timeout_s=c.exit_timeout_s,
-            admin_key=c.admin_key,
+            admin_key="$HF_TRITON_ADMIN_KEY" if redact and c.admin_key else c.admin_key,
             restricted_apis=c.restricted_apis,
         )
         # The container has its own backends (native ONNX Runtime among them).

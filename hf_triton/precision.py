@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 
 from hf_triton.errors import HfTritonError
+from hf_triton.spec import ModelSpec
+from hf_triton.templates import hf_common
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8", "fp16")
+PRECISIONS = hf_common.PRECISIONS
 #: Where each precision can run: the python approach, the ensemble's ONNX model.
-PYTHON_PRECISIONS = ("fp32", "bf16", "int8", "fp16")
+PYTHON_PRECISIONS = hf_common.PRECISIONS
 ONNX_PRECISIONS = ("fp32", "int8")
 PRECISION_KEY = "hf_triton.precision"
 
@@ -53,29 +55,13 @@ def check_precision(precision: str, approach: str) -> None:
         )
 
 
-def keep_fp32(module_name: str) -> bool:
-    """Layers left unquantised: the feed-forward output projection, whose input is the
-    GELU output with its outliers (quantising it alone costs MiniLM ~0.05 of cosine)."""
-    return module_name.endswith("output.dense") and "attention" not in module_name
-
-
 def apply_torch(model: Any, precision: str) -> Any:
-    """The model converted to ``precision``, as the Python-backend model.py does it."""
-    import torch  # noqa: PLC0415
+    """The model converted to ``precision`` on the CPU, exactly as model.py converts it."""
+    import torch
 
-    if precision == "bf16":
-        return model.to(torch.bfloat16)
-    if precision == "fp16":
+    if precision == "fp16":  # GPU-only when served; the gate can still measure it on the CPU
         return model.to(torch.float16)
-    if precision == "int8":
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        spec = {
-            name: qconfig
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not keep_fp32(name)
-        }
-        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
-    return model
+    return hf_common.apply_precision(model, precision, torch.device("cpu"))[0]
 
 
 def _gelu_fed_matmuls(graph: Any, hops: int = 4) -> list[str]:
@@ -97,9 +83,9 @@ def _gelu_fed_matmuls(graph: Any, hops: int = 4) -> list[str]:
 
 def quantize_onnx(src: Path, dst: Path) -> Path:
     """int8 dynamic quantisation of ``src``: per-channel int8 weights, activations quantised
-    per batch, the GELU-fed projections left in fp32 (see :func:`keep_fp32`)."""
-    import onnx  # noqa: PLC0415
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+    per batch, the GELU-fed projections left in fp32 (see ``hf_common.keep_fp32``)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     keep = _gelu_fed_matmuls(onnx.load(str(src), load_external_data=False).graph)
     quantize_dynamic(
@@ -180,13 +166,61 @@ def gate(
     return report
 
 
+# -- gating a spec's variants ------------------------------------------------------------
+
+
+def eval_examples(spec: ModelSpec) -> list[Any]:
+    """The fixed evaluation set for the spec's modality."""
+    return eval_images() if spec.modality == "image" else eval_sentences()
+
+
+def gate_python(spec: ModelSpec, precision: str) -> GateReport:
+    """The Python backend's variant (model.py's own conversion) against fp32 PyTorch."""
+    import copy
+
+    import torch
+
+    variant = apply_torch(copy.deepcopy(spec.module), precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    def run(module: Any, chunk: list[Any], float_dtype: Any) -> np.ndarray:
+        tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
+        tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
+        with torch.inference_mode():
+            return module(*tensors)[0].float().numpy()
+
+    return gate(
+        precision,
+        lambda chunk: run(spec.module, chunk, torch.float32),
+        lambda chunk: run(variant, chunk, dtype),
+        eval_examples(spec),
+        classifier=bool(spec.labels),
+    )
+
+
+def gate_onnx(spec: ModelSpec, precision: str, fp32: Path, variant: Path) -> GateReport:
+    """A quantised model.onnx against the fp32 export, both in ONNX Runtime."""
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    var = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
+    first = ref.get_outputs()[0].name
+    return gate(
+        precision,
+        lambda chunk: ref.run([first], spec.encode(chunk))[0],
+        lambda chunk: var.run([first], spec.encode(chunk))[0],
+        eval_examples(spec),
+        classifier=bool(spec.labels),
+    )
+
+
 # -- the fixed evaluation sets ------------------------------------------------------------
 
 
 def eval_images(count: int = 24, seed: int = 0) -> list[np.ndarray]:
     """Real photos (matplotlib's samples), their crops and flips, then synthetic images."""
-    import matplotlib  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import matplotlib
+    from PIL import Image
 
     data = Path(matplotlib.get_data_path(), "sample_data")
     photos = []

@@ -87,10 +87,10 @@ def ensure_exported(
         log.warning(
             "%s was exported from %s; re-exporting from %s", path, recorded, checkpoint.path
         )
-    print(f"Exporting {checkpoint.name} to {path} (once; later runs reuse it) ...", flush=True)
+    log.info("Exporting %s to %s (once; later runs reuse it) ...", checkpoint.name, path)
     report = export.export_onnx(checkpoint.path, path)
     for name, diff in report.max_abs_diff.items():
-        print(f"  validated {name}: max |onnx - torch| = {diff:.2e} (atol {report.atol:g})")
+        log.info("  validated %s: max |onnx - torch| = %.2e (atol %g)", name, diff, report.atol)
     return path
 
 
@@ -166,10 +166,6 @@ class Deployment:
     repositories: list[Path]
     workdir: Path
 
-    @property
-    def checkpoint(self) -> checkpoints.Checkpoint:
-        return self.weights[0]
-
     @classmethod
     def prepare(
         cls,
@@ -195,7 +191,7 @@ class Deployment:
                     ensure_exported(model_dir, ckpt)
         staged, used = stage(sources, workdir / "repositories", ckpt, path_of)
         for c in used:
-            print(f"Weights: {c.describe()}", flush=True)
+            log.info("Weights: %s", c.describe())
         if ckpt is not None and not used:
             used = [ckpt]
         return cls(used, staged, workdir)

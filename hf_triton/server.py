@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +52,7 @@ class TritonDistribution:
     def locate(cls) -> TritonDistribution:
         """Find the server in the installed ``nvidia-pytriton`` wheel."""
         try:
-            import pytriton  # noqa: PLC0415
+            import pytriton
         except ImportError as e:
             raise ServerError(
                 "The Triton server binary comes from the 'nvidia-pytriton' wheel, which is "
@@ -176,7 +177,6 @@ class ServerConfig:
     #: one by default. None leaves every API open.
     admin_key: str | None = field(default_factory=lambda: secrets.token_urlsafe(24))
     restricted_apis: tuple[str, ...] = RESTRICTED_APIS
-    extra_args: list[str] = field(default_factory=list)
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -204,7 +204,7 @@ class ServerConfig:
         if self.admin_key and self.restricted_apis:
             rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
             args += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
-        return args + list(self.extra_args)
+        return args
 
 
 def _die_with_parent() -> None:
@@ -270,12 +270,12 @@ class TritonServer:
         )
         log_file.close()
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def logs(self) -> str:
         """The log of the current (latest) start."""
@@ -285,17 +285,20 @@ class TritonServer:
             return ""
         return text[text.rfind("==== hf-triton: starting") :]
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Poll ``/v2/health/ready`` until 200, the process dies, or the deadline passes."""
+    def wait_ready(self, timeout_s: float = 600.0, stop: threading.Event | None = None) -> bool:
+        """Poll ``/v2/health/ready`` until 200 (True), ``stop`` is set (False), the process
+        dies or the deadline passes (:class:`ServerError` naming each model that failed)."""
         deadline = time.monotonic() + timeout_s
         url = f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return False
             if not self.is_alive():
                 raise ServerError(self._failure_report("exited during start-up"))
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
-                        return
+                        return True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
@@ -338,6 +341,21 @@ class TritonServer:
                 self._proc.kill()
                 self._proc.wait()
         return self._proc.returncode
+
+    def restart(self) -> None:
+        """Stop briefly (a dead stub makes a graceful stop wait out the whole exit timeout),
+        remove the shared memory the old process left behind, start again."""
+        self.stop(timeout_s=5.0)
+        self.start()
+
+    def write_admin_key(self) -> Path:
+        """Save the admin key where only this user can read it; the file's path."""
+        key_file = self.workdir / "admin-key"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.chmod(0o600)
+        key_file.write_text(self.config.admin_key or "")
+        return key_file
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -135,3 +135,58 @@ def run_soak(
     if server_pid:
         report.rss_end = rss_bytes(server_pid)
     return report
+
+
+def run(
+    url: str,
+    model: str,
+    requests: int = 1000,
+    concurrency: int = 8,
+    warmup: int = 50,
+    server_pid: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SoakReport:
+    """Soak ``model`` at ``url`` (HTTP host:port): 16 distinct inputs sent round-robin, each
+    answer compared with the first answer to the same input (any mix-up between requests
+    shows), every output of the model checked."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS
+
+    client = httpclient.InferenceServerClient(url=url)
+    metadata = client.get_model_metadata(model)
+    client.close()
+    inputs = {i["name"] for i in metadata["inputs"]}
+    outputs = [o["name"] for o in metadata["outputs"]]
+    rng = np.random.default_rng(0)
+    if IMAGE_INPUTS[1].name in inputs:
+        name, datatype = IMAGE_INPUTS[1].name, "UINT8"
+        samples = [rng.integers(0, 256, (1, 48 + i, 64, 3), dtype=np.uint8) for i in range(16)]
+    elif TEXT_INPUTS[0].name in inputs:
+        name, datatype = TEXT_INPUTS[0].name, "BYTES"
+        samples = [
+            np.array([[f"Soak sentence number {i}: {'word ' * i}".encode()]], dtype=object)
+            for i in range(16)
+        ]
+    else:
+        raise ValueError(f"model '{model}' takes {sorted(inputs)}; soak sends images or text")
+    first: dict[int, dict[str, np.ndarray]] = {}
+    local = threading.local()
+
+    def send(i: int) -> dict[str, np.ndarray]:
+        if not hasattr(local, "client"):
+            local.client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+        sample = samples[i % len(samples)]
+        tensor = httpclient.InferInput(name, list(sample.shape), datatype)
+        tensor.set_data_from_numpy(sample)
+        result = local.client.infer(model, [tensor])
+        return {o: result.as_numpy(o) for o in outputs}
+
+    def check(i: int, out: dict[str, np.ndarray]) -> bool:
+        ref = first.setdefault(i % len(samples), out)
+        return all(
+            out[o].shape[0] == 1 and bool(np.allclose(out[o], ref[o], atol=1e-4)) for o in outputs
+        )
+
+    return run_soak(send, check, requests, concurrency, server_pid, warmup, progress)

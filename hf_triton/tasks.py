@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_triton.errors import HfTritonError
+from hf_triton.templates.hf_common import MODEL_CLASSES
 
 
 class UnsupportedModel(HfTritonError):
@@ -29,9 +30,13 @@ class Tensor:
 class Task:
     name: str
     modality: str  # "image" or "text": which generic model.py and which preprocessing
-    auto_class: str  # transformers class that loads the checkpoint for this task
     outputs: tuple[Tensor, ...]
     description: str
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers class that loads a checkpoint for this task (model.py's table)."""
+        return MODEL_CLASSES[self.name]
 
 
 IMAGE_INPUTS = (
@@ -60,7 +65,6 @@ TASKS: dict[str, Task] = {
         Task(
             "image-feature-extraction",
             "image",
-            "AutoModel",
             (
                 Tensor("last_hidden_state", "TYPE_FP32", (-1, -1)),
                 Tensor("pooler_output", "TYPE_FP32", (-1,)),
@@ -70,14 +74,12 @@ TASKS: dict[str, Task] = {
         Task(
             "image-classification",
             "image",
-            "AutoModelForImageClassification",
             (Tensor("logits", "TYPE_FP32", (-1,), labels=True),),
             "image -> logits; top-k labels through Triton's classification extension",
         ),
         Task(
             "text-feature-extraction",
             "text",
-            "AutoModel",
             (Tensor("sentence_embedding", "TYPE_FP32", (-1,)),),
             "text -> sentence_embedding (pooling and normalisation as the checkpoint's "
             "sentence-transformers config says; mean pooling otherwise)",
@@ -85,7 +87,6 @@ TASKS: dict[str, Task] = {
         Task(
             "text-classification",
             "text",
-            "AutoModelForSequenceClassification",
             (Tensor("logits", "TYPE_FP32", (-1,), labels=True),),
             "text -> logits; top-k labels through Triton's classification extension",
         ),

@@ -1,9 +1,14 @@
-"""Helpers shared by the serving tests: one request, closeness, synthetic images."""
+"""Helpers shared by the tests: one request, closeness, synthetic images, the CLI and client."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import tritonclient.http as httpclient
+
+from hf_triton.serve import PROJECT_ROOT
 
 MODELS = ["python_vit", "ensemble_model"]
 #: Max |served - transformers|: python_vit runs the same PyTorch code (batching may
@@ -31,3 +36,26 @@ def assert_close(got: dict, want: dict, atol: float) -> None:
 def synthetic(seed: int, height: int, width: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (height, width, 3)).astype(np.float32)
+
+
+def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`hf-triton ARGS` (what the shell scripts run), from the project root; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "hf_triton.cli", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python client.py ARGS`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "client.py", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

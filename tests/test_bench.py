@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from hf_triton import bench
-from hf_triton.serve import PROJECT_ROOT
+
+from helpers import run_cli
 
 
 def test_stability_rule():
@@ -21,13 +21,7 @@ QUICK = ["--window-s", "0.3", "--min-requests", "3", "--warmup-s", "0.2", "--max
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hf_triton.cli", "bench", *QUICK, *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("bench", *QUICK, *args, timeout=300)
 
 
 def test_benchmark_smoke(server, tmp_path):

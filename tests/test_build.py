@@ -4,10 +4,7 @@ supported task served both ways by the real server and compared with transformer
 from __future__ import annotations
 
 import inspect
-import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +17,11 @@ from tritonclient.utils import InferenceServerException
 from hf_triton import checkpoints, tasks
 from hf_triton.build import build
 from hf_triton.checkpoints import offline_copy
-from hf_triton.export import Pooling
-from hf_triton.serve import DEFAULT_REPOSITORIES, PROJECT_ROOT
+from hf_triton.serve import DEFAULT_REPOSITORIES
+from hf_triton.spec import ModelSpec
 
 from conftest import TINY_VIT, launch
+from helpers import run_cli, run_client
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 TINY_BERT = dict(
@@ -74,7 +72,8 @@ def test_tutorial_repositories_are_the_build_output(tmp_path, monkeypatch):
     """One source of truth: the committed repositories are what `build` writes for ViT."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     standin = checkpoints.resolve(checkpoints.DEFAULT_CHECKPOINT, cache_dir=tmp_path / "cache")
-    build(checkpoints.DEFAULT_CHECKPOINT, standin.path, tmp_path / "out", export_onnx=False)
+    spec = ModelSpec.resolve(standin.path, checkpoint=checkpoints.DEFAULT_CHECKPOINT)
+    build(spec, tmp_path / "out", export_onnx=False)
     for repo in DEFAULT_REPOSITORIES:
         committed = {
             p.relative_to(repo): p.read_bytes()
@@ -126,20 +125,16 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     made["image-classification"] = path
 
     path = root / "bert-st"
-    BertModel(BertConfig(**TINY_BERT)).save_pretrained(path)
-    _tokenizer_into(path)
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    (path / "modules.json").write_text(
-        json.dumps(
-            [
-                {"type": "sentence_transformers.models.Transformer"},
-                {"type": "sentence_transformers.models.Pooling"},
-                {"type": "sentence_transformers.models.Normalize"},
-            ]
-        )
-    )
-    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(path / "hf")
+    _tokenizer_into(path / "hf")
+    # The layout sentence-transformers itself writes: modules.json, 1_Pooling, 2_Normalize.
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+
+    transformer = models.Transformer(str(path / "hf"), max_seq_length=64)
+    SentenceTransformer(
+        modules=[transformer, models.Pooling(32, "mean"), models.Normalize()], device="cpu"
+    ).save(str(path))
     made["text-feature-extraction"] = path
 
     path = root / "bert-cls"
@@ -191,27 +186,18 @@ def built(built_root) -> Iterator[tuple[str, dict[str, Path]]]:
     repos = []
     for task, path in ckpts.items():
         name = SHORT[task]
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hf_triton.cli",
-                "build",
-                "--model",
-                str(path),
-                "--name",
-                name,
-                "--preprocessing-name",
-                f"{name}_pre",
-                "--ensemble-name",
-                f"ensemble_{name}",
-                "--out",
-                str(root / name),
-            ],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run = run_cli(
+            "build",
+            "--model",
+            str(path),
+            "--name",
+            name,
+            "--preprocessing-name",
+            f"{name}_pre",
+            "--ensemble-name",
+            f"ensemble_{name}",
+            "--out",
+            str(root / name),
         )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "validated" in run.stdout
@@ -251,19 +237,20 @@ def _send_text(url, model, texts, class_count=0):
 
 
 def _reference_text(path: Path, task: str, texts: list[str]) -> np.ndarray:
+    """transformers for logits; sentence-transformers itself for sentence embeddings."""
+    if task == "text-feature-extraction":
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    auto = getattr(transformers, tasks.get_task(task).auto_class)
-    model = auto.from_pretrained(path).eval()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
     enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     accepted = inspect.signature(model.forward).parameters
     enc = {k: v for k, v in enc.items() if k in accepted}
     with torch.inference_mode():
-        out = model(**enc)
-    if task == "text-classification":
-        return out.logits.numpy()
-    return Pooling.from_checkpoint(path)(out.last_hidden_state, enc["attention_mask"]).numpy()
+        return model(**enc).logits.numpy()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -358,23 +345,15 @@ def test_invalid_utf8_and_overlong_text(built, model):
 
 def test_client_prints_similarity(built):
     url, _ = built
-    run = subprocess.run(
-        [
-            sys.executable,
-            "client.py",
-            "--url",
-            url,
-            "--model_name",
-            "ensemble_minilm",
-            "--text",
-            SENTENCES[0],
-            "--text",
-            SENTENCES[1],
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    run = run_client(
+        "--url",
+        url,
+        "--model_name",
+        "ensemble_minilm",
+        "--text",
+        SENTENCES[0],
+        "--text",
+        SENTENCES[1],
     )
     assert run.returncode == 0, run.stderr
     assert "sentence_embedding: shape (2, 384)" in run.stdout and "cosine similarity" in run.stdout

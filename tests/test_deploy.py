@@ -7,8 +7,6 @@ consistent with the launcher (image tag, ports, probes, tritonserver flags, pins
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -19,6 +17,8 @@ import yaml
 from hf_triton import container
 from hf_triton.serve import PROJECT_ROOT
 from hf_triton.server import RESTRICTED_APIS, ServerConfig
+
+from helpers import run_cli
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S_VERSION = "1.30.0"
@@ -84,22 +84,14 @@ def test_podman_gpu_flag(tmp_path):
 
 
 def test_container_mode_without_engine_says_so(tmp_path, tiny_checkpoint):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "serve",
-            "--container",
-            "docker",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
+    run = run_cli(
+        "serve",
+        "--container",
+        "docker",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--workdir",
+        str(tmp_path),
         timeout=300,
         env={"PATH": "/nonexistent", "HOME": str(tmp_path)},
     )

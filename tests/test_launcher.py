@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from hf_triton import checkpoints
-from hf_triton.serve import PROJECT_ROOT
 from hf_triton.server import (
     ServerConfig,
     ServerError,
@@ -17,6 +14,8 @@ from hf_triton.server import (
     TritonServer,
     model_load_failures,
 )
+
+from helpers import run_cli
 
 
 def test_bundled_server_found_and_libpython_matches():
@@ -100,28 +99,20 @@ def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):
     )
     from hf_triton.server import free_port
 
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "serve",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--model-repository",
-            str(repo),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--http-port",
-            str(free_port()),
-            "--grpc-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
+    run = run_cli(
+        "serve",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--model-repository",
+        str(repo),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
         timeout=180,
     )
     assert run.returncode == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +11,13 @@ import tritonclient.http as httpclient
 from onnx import numpy_helper
 
 from hf_triton import precision
-from hf_triton.build import BuildOptions, build, gate_onnx
+from hf_triton.build import BuildOptions, build
 from hf_triton.checkpoints import build_vit_checkpoint
-from hf_triton.serve import PROJECT_ROOT
-from hf_triton.tasks import get_task
+from hf_triton.errors import HfTritonError
+from hf_triton.spec import ModelSpec
 
 from conftest import launch
+from helpers import run_cli
 
 #: Big enough that int8 quantisation has real matrices to work on, still ~1 s to build.
 SMALL_VIT = dict(
@@ -57,8 +56,7 @@ def test_eval_sets_are_fixed():
 )
 def test_variant_builds_and_passes_the_gate(small_vit, tmp_path, approach, prec):
     result = build(
-        str(small_vit),
-        small_vit,
+        ModelSpec.resolve(small_vit),
         tmp_path,
         approach=approach,
         options=BuildOptions(name=f"vit_{prec}", precision=prec),
@@ -69,14 +67,17 @@ def test_variant_builds_and_passes_the_gate(small_vit, tmp_path, approach, prec)
 
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
 def test_precisions_the_ensemble_cannot_run_are_refused(small_vit, tmp_path, prec):
-    with pytest.raises(Exception, match="not offered for the ensemble approach"):
+    with pytest.raises(HfTritonError) as err:
         build(
-            str(small_vit),
-            small_vit,
+            ModelSpec.resolve(small_vit),
             tmp_path,
             approach="ensemble",
             options=BuildOptions(precision=prec),
         )
+    assert str(err.value).startswith(
+        f"precision '{prec}' is not offered for the ensemble approach; choose one of fp32, int8"
+    )
+    assert not (tmp_path / "ensemble_model_repository").exists()  # refused before writing
 
 
 def test_broken_variant_fails_the_gate(small_vit, tmp_path):
@@ -95,13 +96,7 @@ def test_broken_variant_fails_the_gate(small_vit, tmp_path):
             init.CopyFrom(numpy_helper.from_array(noise, init.name))
     onnx.save(proto, str(broken))
     with pytest.raises(precision.GateFailed, match="REFUSED"):
-        gate_onnx(
-            small_vit,
-            get_task("image-feature-extraction"),
-            BuildOptions(precision="int8"),
-            fp32,
-            broken,
-        )
+        precision.gate_onnx(ModelSpec.resolve(small_vit), "int8", fp32, broken)
 
 
 def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
@@ -109,31 +104,22 @@ def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
     repos = []
     for prec, approach in (("fp32", "both"), ("bf16", "python"), ("int8", "both")):
         name = f"v{prec}"
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hf_triton.cli",
-                "build",
-                "--model",
-                str(small_vit),
-                "--name",
-                name,
-                "--precision",
-                prec,
-                "--approach",
-                approach,
-                "--preprocessing-name",
-                f"{name}_pre",
-                "--ensemble-name",
-                f"ensemble_{name}",
-                "--out",
-                str(tmp_path / name),
-            ],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run = run_cli(
+            "build",
+            "--model",
+            str(small_vit),
+            "--name",
+            name,
+            "--precision",
+            prec,
+            "--approach",
+            approach,
+            "--preprocessing-name",
+            f"{name}_pre",
+            "--ensemble-name",
+            f"ensemble_{name}",
+            "--out",
+            str(tmp_path / name),
         )
         assert run.returncode == 0, run.stdout + run.stderr
         if prec != "fp32":
@@ -172,40 +158,31 @@ def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
     for src, dst in zip(DEFAULT_REPOSITORIES, repos, strict=True):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx"))
 
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_triton.cli",
-            "bench",
-            "--checkpoint",
-            str(small_vit),
-            "--precisions",
-            "fp32,int8",
-            "--formats",
-            "uint8",
-            "--concurrency",
-            "1",
-            "--models",
-            "ensemble_model",
-            "--window-s",
-            "0.3",
-            "--min-requests",
-            "3",
-            "--warmup-s",
-            "0.2",
-            "--max-windows",
-            "3",
-            "--workdir",
-            str(tmp_path / "w"),
-            *(a for r in repos for a in ("--model-repository", str(r))),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = run_cli(
+        "bench",
+        "--checkpoint",
+        str(small_vit),
+        "--precisions",
+        "fp32,int8",
+        "--formats",
+        "uint8",
+        "--concurrency",
+        "1",
+        "--models",
+        "ensemble_model",
+        "--window-s",
+        "0.3",
+        "--min-requests",
+        "3",
+        "--warmup-s",
+        "0.2",
+        "--max-windows",
+        "3",
+        "--workdir",
+        str(tmp_path / "w"),
+        *(a for r in repos for a in ("--model-repository", str(r))),
+        "--out",
+        str(tmp_path / "out"),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "accuracy gate: int8" in run.stdout

@@ -51,3 +51,21 @@ def test_ensemble_wires_named_tensors():
         "last_hidden_state": "last_hidden_state",
         "pooler_output": "pooler_output",
     }
+
+
+def test_templates_share_one_copy_of_the_tables():
+    """model.py files take their tables from hf_common.py, which the package imports too."""
+    from hf_triton import build, checkpoints, precision, tasks
+    from hf_triton.templates import hf_common
+
+    assert {name: task.auto_class for name, task in tasks.TASKS.items()} == hf_common.MODEL_CLASSES
+    assert precision.PRECISIONS is hf_common.PRECISIONS
+    assert checkpoints.STANDIN_MARKER is hf_common.STANDIN_MARKER
+    for template in build.MODEL_PY.values():
+        source = template.read_text()
+        for copy in ("MODEL_CLASSES =", "STANDIN_MARKER =", "PRECISIONS", "AutoModel", "qconfig"):
+            assert copy not in source, f"{template.name} carries its own {copy!r}"
+    for repo in DEFAULT_REPOSITORIES:
+        for model_py in repo.glob("*/1/model.py"):
+            common = model_py.with_name("hf_common.py")
+            assert common.read_bytes() == build.COMMON_PY.read_bytes(), common

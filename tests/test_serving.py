@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,10 +9,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from hf_triton.serve import PROJECT_ROOT
-
 from conftest import ADMIN_HEADERS
-from helpers import ATOL, MODELS, OUTPUTS, assert_close, infer, synthetic
+from helpers import ATOL, MODELS, OUTPUTS, assert_close, infer, run_cli, run_client, synthetic
 
 
 def test_all_models_ready(server):
@@ -91,23 +87,8 @@ def test_bad_pixels_rejected_and_server_keeps_serving(server, photo, model):
 @pytest.mark.parametrize("input_format", ["fp32", "uint8", "jpeg"])
 @pytest.mark.parametrize("model", MODELS)
 def test_client_script(server, model, input_format):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "client.py",
-            "--model_name",
-            model,
-            "--url",
-            server.url,
-            "--batch",
-            "2",
-            "--input-format",
-            input_format,
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_client(
+        "--model_name", model, "--url", server.url, "--batch", "2", "--input-format", input_format
     )
     assert run.returncode == 0, run.stderr
     assert "last_hidden_state: shape (2, 50, 32)" in run.stdout
@@ -115,46 +96,22 @@ def test_client_script(server, model, input_format):
 
 
 def test_client_reports_missing_server():
-    run = subprocess.run(
-        [sys.executable, "client.py", "--url", "127.0.0.1:9"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_client("--url", "127.0.0.1:9")
     assert run.returncode == 1
     assert "no Triton server at 127.0.0.1:9" in run.stderr
 
 
 def test_client_reports_unknown_model(server):
-    run = subprocess.run(
-        [sys.executable, "client.py", "--model_name", "nope", "--url", server.url],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_client("--model_name", "nope", "--url", server.url)
     assert run.returncode == 1
     assert "model 'nope' is not available" in run.stderr
 
 
 def test_inspect_served_model_and_onnx_file(server):
-    served = subprocess.run(
-        [sys.executable, "-m", "hf_triton.cli", "inspect", "ensemble_model", "--url", server.url],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    served = run_cli("inspect", "ensemble_model", "--url", server.url, timeout=60)
     assert served.returncode == 0, served.stderr
     assert "image_bytes" in served.stdout and "last_hidden_state" in served.stdout
     onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
-    local = subprocess.run(
-        [sys.executable, "-m", "hf_triton.cli", "inspect", str(onnx)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    local = run_cli("inspect", str(onnx), timeout=60)
     assert local.returncode == 0, local.stderr
     assert "pixel_values" in local.stdout and "batch_size" in local.stdout

@@ -3,93 +3,27 @@
 One file, two roles, told apart by the outputs declared in config.pbtxt:
 
 * pipeline (python_model_repository): tokenizer + model in one step; outputs are
-  ``sentence_embedding`` (pooled and normalised as the checkpoint's sentence-transformers
-  config says; mean pooling otherwise) or ``logits`` (classification);
+  ``sentence_embedding`` (pooled, projected and normalised as the checkpoint's
+  sentence-transformers modules say; mean pooling otherwise) or ``logits`` (classification);
 * preprocessing (ensemble_model_repository): tokenizer only; outputs are the model's
-  inputs (``input_ids``, ``attention_mask``, ``token_type_ids``), fed to model.onnx.
+  inputs (``input_ids``, ``attention_mask``, and ``token_type_ids`` when the model takes them),
+  fed to model.onnx.
 
 Input ``text``: BYTES, one UTF-8 text per batch item. config.pbtxt is the source of truth:
-tensor names and dtypes, the checkpoint, revision, task and ``max_length``. Depends on
-numpy, torch, transformers and Triton's ``triton_python_backend_utils`` only.
+tensor names and dtypes, the checkpoint, revision, task and ``max_length``. Depends on numpy,
+torch, transformers, Triton's ``triton_python_backend_utils`` and ``hf_common.py`` beside it.
 """
 
-import inspect
 import json
-import os
 
+import hf_common
 import numpy as np
 import torch
 import transformers
 import triton_python_backend_utils as pb_utils
+from hf_common import BadInput, ModelError
 
 TEXT = "text"
-TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
-STANDIN_MARKER = "HF_TRITON_STANDIN.json"
-#: The model class per task (same table as the build command's).
-AUTO_CLASSES = {
-    "text-feature-extraction": "AutoModel",
-    "text-classification": "AutoModelForSequenceClassification",
-}
-
-
-def _quantize_int8(model):
-    """Dynamic int8, per-channel weights; the feed-forward output projections (fed by GELU's
-    outliers) stay fp32. The same rule as hf_triton.precision, whose gate admitted it."""
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    spec = {
-        name: qconfig
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and not (name.endswith("output.dense") and "attention" not in name)
-    }
-    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
-
-
-def _apply_precision(name, model, precision, device):
-    """The model in the requested precision (token ids stay integers)."""
-    if precision == "fp32":
-        return model
-    if precision == "bf16":
-        return model.to(torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise pb_utils.TritonModelException(f"{name}: precision fp16 needs a KIND_GPU instance")
-        return model.to(torch.float16)
-    if precision == "int8":
-        if device.type != "cpu":
-            raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
-        return _quantize_int8(model)
-    raise pb_utils.TritonModelException(
-        f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
-    )
-
-
-class BadInput(ValueError):
-    """A request the model cannot serve; its message goes back to the client as a 400."""
-
-
-def _invalid(message):
-    return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
-
-
-def _pooling(checkpoint):
-    """(mode, normalize) from a sentence-transformers checkpoint; ("mean", False) otherwise."""
-    mode, normalize = "mean", False
-    path = os.path.join(checkpoint, "1_Pooling", "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            cfg = json.load(f)
-        if cfg.get("pooling_mode_cls_token"):
-            mode = "cls"
-        elif cfg.get("pooling_mode_max_tokens"):
-            mode = "max"
-    path = os.path.join(checkpoint, "modules.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            normalize = any(m.get("type", "").endswith(".Normalize") for m in json.load(f))
-    return mode, normalize
 
 
 def _decode(index, item):
@@ -109,17 +43,21 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        try:
+            self._initialize(args, config)
+        except ModelError as e:
+            raise pb_utils.TritonModelException(f"{self.name}: {e}") from e
+
+    def _initialize(self, args, config):
+        params = hf_common.parameters(config)
         checkpoint = params.get("checkpoint")
         if not checkpoint:
-            raise pb_utils.TritonModelException(
-                f"{self.name}: config.pbtxt needs parameter 'checkpoint' (hub id or directory)"
-            )
+            raise ModelError("config.pbtxt needs parameter 'checkpoint' (hub id or directory)")
         revision = params.get("revision") or None
         task = params.get("task", "text-feature-extraction")
-        if task not in AUTO_CLASSES:
-            raise pb_utils.TritonModelException(
-                f"{self.name}: task {task!r} is not one of {sorted(AUTO_CLASSES)}"
+        if task not in hf_common.MODEL_CLASSES or not task.startswith("text"):
+            raise ModelError(
+                f"task {task!r} is not a text task of {sorted(hf_common.MODEL_CLASSES)}"
             )
         self.max_length = int(params.get("max_length") or 512)
         self.truncate = params.get("truncation", "true").lower() == "true"
@@ -127,41 +65,39 @@ class TritonPythonModel:
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
-
-        if args["model_instance_kind"] == "GPU":
-            if not torch.cuda.is_available():
-                raise pb_utils.TritonModelException(
-                    f"{self.name}: instance is KIND_GPU but torch sees no CUDA device"
-                )
-            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        else:
-            self.device = torch.device("cpu")
-
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, revision=revision)
+        self.device = hf_common.device(
+            args["model_instance_kind"], args["model_instance_device_id"]
+        )
+        local = hf_common.local_checkpoint(checkpoint, revision)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(local)
         self.model = None
         self.pooling = None
-        if not set(self.output_names) <= set(TOKENIZER_OUTPUTS):
-            auto = getattr(transformers, AUTO_CLASSES[task])
-            model = auto.from_pretrained(checkpoint, revision=revision).to(self.device).eval()
-            self.model = _apply_precision(
-                self.name, model, params.get("precision", "fp32"), self.device
-            )
-            accepted = inspect.signature(self.model.forward).parameters
-            self.model_inputs = [n for n in TOKENIZER_OUTPUTS if n in accepted]
+        precision = params.get("precision", "fp32")
+        if not set(self.output_names) <= set(hf_common.TOKENIZER_OUTPUTS):
+            auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
+            model = auto.from_pretrained(local).to(self.device).eval()
+            self.model_inputs = hf_common.model_inputs(model, self.tokenizer)
+            self.model, _ = hf_common.apply_precision(model, precision, self.device)
             if task == "text-feature-extraction":
-                self.pooling = (
-                    _pooling(checkpoint) if os.path.isdir(checkpoint) else ("mean", False)
+                self.pooling = hf_common.Pooling.from_checkpoint(local).to(self.device)
+        else:
+            produced = set(self.tokenizer("probe").keys())
+            missing = [n for n in self.output_names if n not in produced]
+            if missing:
+                raise ModelError(
+                    f"config.pbtxt declares outputs {missing} that "
+                    f"{type(self.tokenizer).__name__} does not produce; it produces "
+                    f"{sorted(produced)}"
                 )
 
-        weights = "pretrained weights"
-        if os.path.exists(os.path.join(checkpoint, STANDIN_MARKER)):
-            weights = "OFFLINE STAND-IN, RANDOM WEIGHTS: outputs are not meaningful"
         role = "tokenizer only"
         if self.model is not None:
-            role = f"tokenizer + model in {params.get('precision', 'fp32')}"
+            role = f"tokenizer + {type(self.model).__name__} in {precision}"
+        pooling = f", pooling {self.pooling.describe()}" if self.pooling else ""
         pb_utils.Logger.log_info(
-            f"{self.name}: {role}, task {task}, checkpoint {checkpoint} ({weights}), "
-            f"max_length {self.max_length}, pooling {self.pooling}, device {self.device}"
+            f"{self.name}: {role}, task {task}, checkpoint {checkpoint} "
+            f"({hf_common.weights_note(local)}), max_length {self.max_length}{pooling}, "
+            f"device {self.device}"
         )
 
     def _texts(self, request):
@@ -178,63 +114,25 @@ class TritonPythonModel:
                     )
         return texts
 
-    def _forward(self, encoded):
+    def _run(self, texts):
+        # One tokenizer call and one forward pass for every text of every request.
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=self.truncate,
+            max_length=self.max_length,
+            return_tensors="np",
+        )
+        if self.model is None:
+            return {name: encoded[name].astype(np.int64) for name in self.output_names}
         feed = {k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs}
         with torch.inference_mode():
             out = self.model(**feed)
         if self.pooling is None:
             return {"logits": out.logits.float().cpu().numpy()}
-        mode, normalize = self.pooling
-        hidden = out.last_hidden_state.float()  # pool in fp32 whatever the model's precision
-        mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        if mode == "cls":
-            pooled = hidden[:, 0]
-        elif mode == "max":
-            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
-        else:
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        if normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-        return {"sentence_embedding": pooled.float().cpu().numpy()}
+        mask = torch.from_numpy(encoded["attention_mask"]).to(self.device)
+        pooled = self.pooling(out.last_hidden_state, mask)
+        return {"sentence_embedding": pooled.cpu().numpy()}
 
     def execute(self, requests):
-        responses = [None] * len(requests)
-        texts, owners = [], []
-        for i, request in enumerate(requests):
-            try:
-                batch = self._texts(request)
-            except BadInput as e:
-                responses[i] = _invalid(str(e))
-                continue
-            texts.extend(batch)
-            owners.append((i, len(batch)))
-        if not texts:
-            return responses
-
-        # One tokenizer call and one forward pass for every text of every request.
-        encoded = dict(
-            self.tokenizer(
-                texts,
-                padding=True,
-                truncation=self.truncate,
-                max_length=self.max_length,
-                return_tensors="np",
-            )
-        )
-        outputs = self._forward(encoded) if self.model is not None else encoded
-
-        start = 0
-        for i, count in owners:
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(
-                        name,
-                        np.ascontiguousarray(
-                            outputs[name][start : start + count].astype(self.output_dtypes[name])
-                        ),
-                    )
-                    for name in self.output_names
-                ]
-            )
-            start += count
-        return responses
+        return hf_common.respond(requests, self._texts, self._run, self.output_dtypes)

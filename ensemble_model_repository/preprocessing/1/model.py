@@ -9,18 +9,24 @@ The same file serves two roles, told apart by the outputs declared in config.pbt
   ``pixel_values``, fed to the ONNX model by the ensemble.
 
 Images arrive in one of three optional inputs, exactly one per request:
-``image`` (FP32 H x W x 3, 0..255: the tutorial's contract), ``image_uint8`` (UINT8, 4x fewer
-bytes) or ``image_bytes`` (BYTES, one encoded JPEG/PNG per batch item; sizes may differ).
+``image`` (FP32 H x W x 3, 0..255: the tutorial's contract; values are rounded to whole
+numbers, as 8-bit images are), ``image_uint8`` (UINT8, 4x fewer bytes) or ``image_bytes``
+(BYTES, one encoded JPEG/PNG/... per batch item; sizes may differ), decoded exactly as
+``transformers.image_utils.load_image`` decodes a file (EXIF orientation applied, then RGB).
 
-Preprocessing has two paths: ``reference`` is the checkpoint's Hugging Face image processor;
-``vectorized`` resizes each image with the same PIL filter, then rescales and normalises the
-whole batch in one numpy expression. It is used when the processor is a plain
-resize/rescale/normalise one (ViT, DeiT, ...) and matches the reference to ~1e-6.
+Preprocessing has two paths. ``reference`` is the checkpoint's Hugging Face image processor.
+``vectorized`` runs the processor's own geometry (resize, crop) per image in threads, then
+its rescale and normalisation as one affine map over the whole batch; it checks itself
+against the reference when the model loads and falls back to it when they differ.
+
+Memory is bounded before anything is decoded: a side limit and a pixel budget per request
+(``max_side_px``, ``max_request_megapixels``), and images are decoded and resized one by one, so
+a batch never holds more than a few full-size images at once.
 
 config.pbtxt is the source of truth: tensor names and dtypes, the checkpoint (hub id or
-local directory), its revision, the image-processor backend and the preprocessing path. The file
-depends on numpy, torch, transformers and Triton's ``triton_python_backend_utils`` only,
-so the repository runs unchanged in NVIDIA's container.
+local directory), its revision, the precision, the preprocessing path and the budgets.
+Depends on numpy, torch, transformers, pillow, Triton's ``triton_python_backend_utils`` and
+``hf_common.py`` beside it, so the repository runs unchanged in NVIDIA's container.
 """
 
 import io
@@ -28,220 +34,208 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import hf_common
 import numpy as np
 import torch
 import transformers
 import triton_python_backend_utils as pb_utils
-from PIL import Image
-from transformers import AutoImageProcessor
+from hf_common import BadInput, ModelError
+from PIL import Image, ImageOps
 
 IMAGE = "image"
 IMAGE_UINT8 = "image_uint8"
 IMAGE_BYTES = "image_bytes"
 IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
 PIXEL_VALUES = "pixel_values"
-#: The model class per task (same table as the build command's).
-AUTO_CLASSES = {
-    "image-feature-extraction": "AutoModel",
-    "image-classification": "AutoModelForImageClassification",
-}
-STANDIN_MARKER = "HF_TRITON_STANDIN.json"
-# A side longer than this is no photo; refuse before the processor allocates for it.
+#: Defaults of the budgets (config parameters of the same names override them).
 MAX_SIDE_PX = 8192
+MAX_REQUEST_MEGAPIXELS = 64
+#: The vectorised path must match the processor this closely (normalised pixel values).
+SELF_CHECK_ATOL = 1e-4
 
 
-def _quantize_int8(model):
-    """Dynamic int8, per-channel weights; the feed-forward output projections (fed by GELU's
-    outliers) stay fp32. The same rule as hf_triton.precision, whose gate admitted it."""
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    spec = {
-        name: qconfig
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and not (name.endswith("output.dense") and "attention" not in name)
-    }
-    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
-
-
-def _apply_precision(name, model, precision, device):
-    """The model in the requested precision; the input dtype it expects."""
-    if precision == "fp32":
-        return model, torch.float32
-    if precision == "bf16":
-        return model.to(torch.bfloat16), torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise pb_utils.TritonModelException(f"{name}: precision fp16 needs a KIND_GPU instance")
-        return model.to(torch.float16), torch.float16
-    if precision == "int8":
-        if device.type != "cpu":
-            raise pb_utils.TritonModelException(f"{name}: precision int8 runs on KIND_CPU only")
-        return _quantize_int8(model), torch.float32
-    raise pb_utils.TritonModelException(
-        f"{name}: precision must be fp32, bf16, fp16 or int8, got {precision!r}"
-    )
-
-
-class BadInput(ValueError):
-    """A request the model cannot serve; its message goes back to the client as a 400."""
-
-
-def _invalid(message):
-    return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-    )
-
-
-def _check_size(name, height, width):
+def _check_size(name, height, width, max_side):
     if height < 1 or width < 1:
         raise BadInput(f"input '{name}': expected H x W x 3 with H, W >= 1, got {height} x {width}")
-    if max(height, width) > MAX_SIDE_PX:
+    if max(height, width) > max_side:
         raise BadInput(
-            f"input '{name}': image of {height} x {width} exceeds the {MAX_SIDE_PX} px "
+            f"input '{name}': image of {height} x {width} exceeds the {max_side} px "
             "limit per side; resize it before sending"
         )
 
 
-def _decode(name, index, data):
-    """One encoded image (JPEG, PNG, ...) -> uint8 H x W x 3."""
+def _open(name, index, data, max_side):
+    """An encoded image, opened but not decoded (only its header is read)."""
     if len(data) == 0:
         raise BadInput(f"input '{name}'[{index}]: empty; expected encoded image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            _check_size(f"{name}[{index}]", img.height, img.width)
-            return np.asarray(img.convert("RGB"))
-    except BadInput:
-        raise
-    except Exception as e:  # PIL raises many types for corrupt data
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types for data it cannot identify
+        raise BadInput(
+            f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
+        ) from e
+    _check_size(f"{name}[{index}]", img.height, img.width, max_side)
+    return img
+
+
+def decode(name, index, img):
+    """An opened image -> uint8 H x W x 3, as ``transformers.image_utils.load_image`` does it:
+    EXIF orientation applied, then converted to RGB."""
+    try:
+        with img:
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except Exception as e:  # truncated or corrupt data shows only when decoding
         raise BadInput(
             f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
         ) from e
 
 
-class VectorizedImageProcessor:
-    """Resize per image (PIL, the processor's filter, in threads: PIL releases the GIL),
-    then one affine map for the whole batch, channel-first so each loop is contiguous."""
+def process(processor, images, **kwargs):
+    """``processor`` on uint8 H x W x 3 arrays (channels last, even for a 1 x 1 x 3 image)."""
+    out = processor(images=images, input_data_format="channels_last", return_tensors="np", **kwargs)
+    return out[PIXEL_VALUES]
 
-    @classmethod
-    def supports(cls, processor):
-        size = processor.size or {}
-        return (
-            bool(getattr(processor, "do_resize", False))
-            and bool(size.get("height"))
-            and bool(size.get("width"))
-            and not getattr(processor, "do_center_crop", False)
-            and not getattr(processor, "do_pad", False)
-        )
+
+class VectorizedImageProcessor:
+    """The processor's geometry per image (in threads: PIL releases the GIL), then its
+    rescale and normalisation as one affine map for the whole batch.
+
+    The affine map is measured, not assumed: processing two constant images (0 and 255)
+    gives each channel's gain and bias, whatever rescale/normalise chain the processor has.
+    """
 
     def __init__(self, processor):
-        self.size = (int(processor.size["width"]), int(processor.size["height"]))
-        self.resample = Image.Resampling(int(processor.resample))
-        scale = float(processor.rescale_factor) if processor.do_rescale else 1.0
-        mean = np.asarray(processor.image_mean if processor.do_normalize else 0.0, np.float32)
-        std = np.asarray(processor.image_std if processor.do_normalize else 1.0, np.float32)
-        # ((x * scale) - mean) / std == x * (scale / std) - mean / std
-        self.gain = np.broadcast_to(scale / std, (3,)).astype(np.float32).reshape(1, 3, 1, 1)
-        self.bias = np.broadcast_to(-mean / std, (3,)).astype(np.float32).reshape(1, 3, 1, 1)
+        self.processor = processor
+        zero = self._geometry(np.zeros((64, 64, 3), np.uint8))
+        if zero.dtype != np.uint8:
+            raise ValueError(f"{type(processor).__name__} changes pixel values during geometry")
+        full = process(processor, [np.full((64, 64, 3), 255, np.uint8)])
+        none = process(processor, [np.zeros((64, 64, 3), np.uint8)])
+        low = none[0, :, 0, 0].astype(np.float64)
+        high = full[0, :, 0, 0].astype(np.float64)
+        self.gain = ((high - low) / 255.0).astype(np.float32).reshape(1, -1, 1, 1)
+        self.bias = low.astype(np.float32).reshape(1, -1, 1, 1)
         self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 
-    def _resize(self, image):
-        return np.asarray(Image.fromarray(image).resize(self.size, self.resample))
+    def _geometry(self, image):
+        out = process(self.processor, [image], do_rescale=False, do_normalize=False)
+        return np.asarray(out[0])
 
     def __call__(self, images):
-        if len(images) > 1:
-            resized = np.stack(list(self.pool.map(self._resize, images)))
-        else:
-            resized = self._resize(images[0])[None]
-        pixels = resized.transpose(0, 3, 1, 2).astype(np.float32)
+        """``images``: callables returning uint8 H x W x 3 (decoded lazily, one at a time)."""
+        resized = list(self.pool.map(lambda load: self._geometry(load()), images))
+        pixels = np.stack(resized).astype(np.float32)
         pixels *= self.gain
         pixels += self.bias
         return pixels
+
+
+def _self_check(fast, processor):
+    """Max |vectorised - reference| on a few awkward sizes; None when the two disagree in shape."""
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for h, w in [(37, 53), (480, 640), (224, 224), (301, 199), (1, 1)]
+    ]
+    want = process(processor, images)
+    got = fast([lambda image=image: image for image in images])
+    if got.shape != want.shape:
+        return None
+    return float(np.max(np.abs(got - want)))
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.name = config["name"]
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        try:
+            self._initialize(args, config)
+        except ModelError as e:
+            raise pb_utils.TritonModelException(f"{self.name}: {e}") from e
+
+    def _initialize(self, args, config):
+        params = hf_common.parameters(config)
         checkpoint = params.get("checkpoint")
         if not checkpoint:
-            raise pb_utils.TritonModelException(
-                f"{self.name}: config.pbtxt needs parameter 'checkpoint' (hub id or directory)"
-            )
+            raise ModelError("config.pbtxt needs parameter 'checkpoint' (hub id or directory)")
         revision = params.get("revision") or None
         task = params.get("task", "image-feature-extraction")
-        if task not in AUTO_CLASSES:
-            raise pb_utils.TritonModelException(
-                f"{self.name}: task {task!r} is not one of {sorted(AUTO_CLASSES)}"
+        if task not in hf_common.MODEL_CLASSES or not task.startswith("image"):
+            raise ModelError(
+                f"task {task!r} is not an image task of {sorted(hf_common.MODEL_CLASSES)}"
             )
-        processor_kwargs = {}
-        if params.get("image_processor_backend"):
-            processor_kwargs["backend"] = params["image_processor_backend"]
+        self.max_side = int(params.get("max_side_px") or MAX_SIDE_PX)
+        self.max_request_pixels = int(
+            float(params.get("max_request_megapixels") or MAX_REQUEST_MEGAPIXELS) * 1e6
+        )
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
-
-        if args["model_instance_kind"] == "GPU":
-            if not torch.cuda.is_available():
-                raise pb_utils.TritonModelException(
-                    f"{self.name}: instance is KIND_GPU but torch sees no CUDA device"
-                )
-            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        else:
-            self.device = torch.device("cpu")
-
-        self.processor = AutoImageProcessor.from_pretrained(
-            checkpoint, revision=revision, **processor_kwargs
+        self.device = hf_common.device(
+            args["model_instance_kind"], args["model_instance_device_id"]
+        )
+        local = hf_common.local_checkpoint(checkpoint, revision)
+        backend = params.get("image_processor_backend") or None
+        self.processor = transformers.AutoImageProcessor.from_pretrained(
+            local, **({"backend": backend} if backend else {})
         )
         path = params.get("preprocessing", "vectorized")
         if path not in ("vectorized", "reference"):
-            raise pb_utils.TritonModelException(
-                f"{self.name}: parameter 'preprocessing' must be 'vectorized' or 'reference', "
-                f"got {path!r}"
+            raise ModelError(
+                f"parameter 'preprocessing' must be 'vectorized' or 'reference', got {path!r}"
             )
         self.fast = None
-        if path == "vectorized" and VectorizedImageProcessor.supports(self.processor):
-            self.fast = VectorizedImageProcessor(self.processor)
+        why = "configured"
+        if path == "vectorized":
+            self.fast, why = self._vectorized()
         self.inputs = [i["name"] for i in config["input"] if i["name"] in IMAGE_INPUTS]
         self.model = None
+        self.precision = params.get("precision", "fp32")
         if self.output_names != [PIXEL_VALUES]:
-            auto = getattr(transformers, AUTO_CLASSES[task])
-            model = auto.from_pretrained(checkpoint, revision=revision).to(self.device).eval()
-            self.model, self.input_dtype = _apply_precision(
-                self.name, model, params.get("precision", "fp32"), self.device
+            auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
+            model = auto.from_pretrained(local).to(self.device).eval()
+            self.model, self.input_dtype = hf_common.apply_precision(
+                model, self.precision, self.device
             )
             self._check_outputs()
 
-        weights = "pretrained weights"
-        if os.path.exists(os.path.join(checkpoint, STANDIN_MARKER)):
-            weights = "OFFLINE STAND-IN, RANDOM WEIGHTS: outputs are not meaningful"
         role = "processor only"
         if self.model is not None:
-            role = f"processor + model in {params.get('precision', 'fp32')}"
+            role = f"processor + {type(self.model).__name__} in {self.precision}"
         pb_utils.Logger.log_info(
-            f"{self.name}: {role}, checkpoint {checkpoint} ({weights}), "
-            f"{type(self.processor).__name__} ({'vectorized' if self.fast else 'reference'}), "
-            f"device {self.device}"
+            f"{self.name}: {role}, checkpoint {checkpoint} ({hf_common.weights_note(local)}), "
+            f"{type(self.processor).__name__} "
+            f"({'vectorized' if self.fast else 'reference'}: {why}), device {self.device}"
         )
+
+    def _vectorized(self):
+        """The vectorised path if it reproduces the processor here; else None and why not."""
+        try:
+            fast = VectorizedImageProcessor(self.processor)
+        except ValueError as e:
+            return None, f"not applicable ({e})"
+        diff = _self_check(fast, self.processor)
+        if diff is None or diff > SELF_CHECK_ATOL:
+            return None, f"self-check against the processor failed (max |diff| {diff})"
+        return fast, f"self-check max |diff| {diff:.1e}"
 
     def _check_outputs(self):
         """Fail at load time, not on the first request, when config and model disagree."""
-        size = self.processor.size
-        height, width = size.get("height", 224), size.get("width", 224)
+        probe = np.zeros((64, 64, 3), np.uint8)
+        pixels = torch.from_numpy(process(self.processor, [probe]))
         with torch.inference_mode():
-            pixels = torch.zeros(1, 3, height, width, device=self.device, dtype=self.input_dtype)
-            out = self.model(pixel_values=pixels)
+            out = self.model(pixel_values=pixels.to(self.device, self.input_dtype))
         missing = [n for n in self.output_names if getattr(out, n, None) is None]
         if missing:
             available = [k for k, v in out.items() if v is not None]
-            raise pb_utils.TritonModelException(
-                f"{self.name}: config.pbtxt declares outputs {missing} that "
-                f"{type(self.model).__name__} does not produce; it produces {available}"
+            raise ModelError(
+                f"config.pbtxt declares outputs {missing} that {type(self.model).__name__} "
+                f"does not produce; it produces {available}"
             )
 
     def _images(self, request):
-        """The request's images as a list of H x W x 3 arrays (uint8, or float32 0..255)."""
+        """The request's images as loaders (callables returning uint8 H x W x 3)."""
         given = [
             (name, tensor)
             for name in self.inputs
@@ -254,10 +248,15 @@ class TritonPythonModel:
             )
         name, tensor = given[0]
         if name == IMAGE_BYTES:
-            items = tensor.as_numpy().reshape(-1)
-            return [_decode(name, i, bytes(item)) for i, item in enumerate(items)]
+            opened = [
+                _open(name, i, bytes(item), self.max_side)
+                for i, item in enumerate(tensor.as_numpy().reshape(-1))
+            ]
+            self._check_budget(name, sum(img.width * img.height for img in opened))
+            return [lambda i=i, img=img: decode(name, i, img) for i, img in enumerate(opened)]
         images = tensor.as_numpy()
-        _check_size(name, images.shape[1], images.shape[2])
+        _check_size(name, images.shape[1], images.shape[2], self.max_side)
+        self._check_budget(name, images.shape[0] * images.shape[1] * images.shape[2])
         if name == IMAGE:
             if not np.isfinite(images).all():
                 raise BadInput(f"input '{name}': pixel values must be finite, got NaN or Inf")
@@ -267,55 +266,36 @@ class TritonPythonModel:
                     f"input '{name}': pixel values must be in [0, 255] (RGB, H x W x 3), "
                     f"got range [{low:g}, {high:g}]"
                 )
-        return list(images)
+            # 8-bit pixels, as every image processor expects them (a [0, 1] float image would
+            # otherwise be rescaled by one path and not by the other).
+            return [lambda im=im: np.rint(im).astype(np.uint8) for im in images]
+        return [lambda im=im: im for im in images]
 
-    def _preprocess(self, images):
-        if self.fast is not None:
-            # uint8 for PIL; float inputs are whole numbers 0..255 in practice (the
-            # reference processor rejects anything else), so rounding loses nothing.
-            return self.fast(
-                [im if im.dtype == np.uint8 else np.rint(im).astype(np.uint8) for im in images]
+    def _check_budget(self, name, pixels):
+        if pixels > self.max_request_pixels:
+            raise BadInput(
+                f"input '{name}': {pixels / 1e6:.1f} megapixels in one request exceed the "
+                f"budget of {self.max_request_pixels / 1e6:g}; split the request"
             )
-        return self.processor(
-            images=images, return_tensors="np", input_data_format="channels_last"
-        )[PIXEL_VALUES]
+
+    def _preprocess(self, loaders):
+        if self.fast is not None:
+            return self.fast(loaders)
+        # Reference path: a few images at a time, so a batch never holds every decoded image.
+        chunks = []
+        for start in range(0, len(loaders), 4):
+            images = [load() for load in loaders[start : start + 4]]
+            chunks.append(process(self.processor, images))
+        return np.concatenate(chunks)
+
+    def _run(self, loaders):
+        pixel_values = self._preprocess(loaders)
+        if self.model is None:
+            return {PIXEL_VALUES: pixel_values}
+        with torch.inference_mode():
+            pixels = torch.from_numpy(pixel_values).to(self.device, self.input_dtype)
+            out = self.model(pixel_values=pixels)
+        return {n: getattr(out, n).float().cpu().numpy() for n in self.output_names}
 
     def execute(self, requests):
-        responses = [None] * len(requests)
-        images, owners = [], []
-        for i, request in enumerate(requests):
-            try:
-                batch = self._images(request)
-            except BadInput as e:
-                responses[i] = _invalid(str(e))
-                continue
-            images.extend(batch)
-            owners.append((i, len(batch)))
-        if not images:
-            return responses
-
-        # All images of all requests in one preprocessing call and one forward pass.
-        pixel_values = self._preprocess(images)
-        if self.model is None:
-            outputs = {PIXEL_VALUES: pixel_values}
-        else:
-            with torch.inference_mode():
-                pixels = torch.from_numpy(pixel_values).to(self.device, self.input_dtype)
-                out = self.model(pixel_values=pixels)
-            outputs = {n: getattr(out, n).float().cpu().numpy() for n in self.output_names}
-
-        start = 0
-        for i, count in owners:
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(
-                        name,
-                        np.ascontiguousarray(
-                            outputs[name][start : start + count].astype(self.output_dtypes[name])
-                        ),
-                    )
-                    for name in self.output_names
-                ]
-            )
-            start += count
-        return responses
+        return hf_common.respond(requests, self._images, self._run, self.output_dtypes)

@@ -132,7 +132,7 @@ class TritonPythonModel:
         return auto_complete_model_config
 
     def initialize(self, args):
-        self.model_config = config = json.loads(args["model_config"])
+        config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         filename = config.get("default_model_filename") or "model.onnx"
         path = os.path.join(args["model_repository"], args["model_version"], filename)

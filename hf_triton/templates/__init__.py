@@ -1,0 +1,1 @@
+"""The files a build copies into each model repository (importable here for their tables)."""

@@ -1,0 +1,376 @@
+"""What every generated model.py shares, held once.
+
+``hf-triton build`` copies this file beside each ``model.py`` (as ``1/hf_common.py``): Triton's
+Python-backend stub puts the version folder on ``sys.path``, so ``import hf_common`` works there,
+in NVIDIA's container and on Kubernetes alike, and a repository stays self-contained. The
+``hf_triton`` package imports the same file (``hf_triton.templates.hf_common``) for its export,
+accuracy gate and benchmark, so the tables and rules below exist exactly once.
+
+Depends on numpy, torch, transformers and huggingface_hub only; never on Triton (model.py turns
+:class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on ``hf_triton``.
+"""
+
+import json
+import os
+
+import numpy as np
+
+#: Written into the offline stand-in checkpoint (random weights) by ``hf_triton.checkpoints``.
+STANDIN_MARKER = "HF_TRITON_STANDIN.json"
+
+#: Task -> the transformers auto class that loads a checkpoint for it.
+MODEL_CLASSES = {
+    "image-feature-extraction": "AutoModel",
+    "image-classification": "AutoModelForImageClassification",
+    "text-feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+}
+
+#: What a tokenizer may produce that an encoder takes, in the order the ONNX graph lists them.
+TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+#: fp32 is the reference; the others must pass the accuracy gate (hf_triton.precision).
+PRECISIONS = ("fp32", "bf16", "int8", "fp16")
+
+#: Files of a checkpoint besides its weights that serving reads (sentence-transformers modules).
+CHECKPOINT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors", "*_Pooling/*", "*_Dense/*")
+
+
+class BadInput(ValueError):
+    """A request the model cannot serve: its message goes back to that client as a 400."""
+
+
+class ModelError(RuntimeError):
+    """The model cannot be loaded as configured: Triton reports it with the model's name."""
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def parameters(model_config):
+    """The config.pbtxt ``parameters`` as a plain dict of strings."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def local_checkpoint(checkpoint, revision=None):
+    """A local directory for ``checkpoint``: itself, or the hub id's snapshot.
+
+    The launcher and the deployment files hand model.py a local directory; a hub id (the source
+    repositories in NVIDIA's container) is fetched once into the Hugging Face cache, or found
+    there with ``HF_HUB_OFFLINE=1``, so sentence-transformers modules are read as they are
+    locally, never silently skipped.
+    """
+    if os.path.isdir(checkpoint):
+        return checkpoint
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        checkpoint, revision=revision or None, allow_patterns=list(CHECKPOINT_FILES)
+    )
+
+
+def weights_note(checkpoint_dir):
+    """How model.py describes its weights in the server log."""
+    if os.path.exists(os.path.join(checkpoint_dir, STANDIN_MARKER)):
+        return "OFFLINE STAND-IN, RANDOM WEIGHTS: outputs are not meaningful"
+    return "pretrained weights"
+
+
+def device(instance_kind, device_id):
+    """The torch device of a model instance (``KIND_GPU`` -> that GPU)."""
+    import torch
+
+    if instance_kind == "GPU":
+        if not torch.cuda.is_available():
+            raise ModelError("instance is KIND_GPU but torch sees no CUDA device")
+        return torch.device("cuda", int(device_id))
+    return torch.device("cpu")
+
+
+# -- precision -------------------------------------------------------------------------------
+
+
+def keep_fp32(module_name):
+    """Linear layers int8 leaves in fp32: the feed-forward output projection, whose input is
+    GELU's output with its outliers (quantising it costs all-MiniLM-L6-v2 ~0.05 of cosine)."""
+    return module_name.endswith("output.dense") and "attention" not in module_name
+
+
+def quantize_int8(model):
+    """Dynamic int8 with per-channel weights for every Linear layer but :func:`keep_fp32`'s."""
+    import torch
+
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not keep_fp32(name)
+    }
+    return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def apply_precision(model, precision, target):
+    """``model`` converted to ``precision`` on device ``target``; the float dtype it takes."""
+    import torch
+
+    if precision == "fp32":
+        return model, torch.float32
+    if precision == "bf16":
+        return model.to(torch.bfloat16), torch.bfloat16
+    if precision == "fp16":
+        if target.type != "cuda":
+            raise ModelError("precision fp16 needs a KIND_GPU instance")
+        return model.to(torch.float16), torch.float16
+    if precision == "int8":
+        if target.type != "cpu":
+            raise ModelError("precision int8 runs on KIND_CPU instances only")
+        return quantize_int8(model), torch.float32
+    raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+# -- text ------------------------------------------------------------------------------------
+
+
+def model_inputs(model, tokenizer):
+    """The tokenizer outputs the model takes: produced by the tokenizer AND accepted by forward.
+
+    RoBERTa's forward accepts ``token_type_ids`` its tokenizer never makes; DistilBERT's
+    tokenizer makes them and its forward refuses them. Either way only the intersection flows.
+    """
+    import inspect
+
+    accepted = inspect.signature(type(model).forward).parameters
+    produced = set(tokenizer("probe").keys())
+    return [n for n in TOKENIZER_OUTPUTS if n in accepted and n in produced]
+
+
+#: sentence-transformers' pooling modes, in the order it concatenates them.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+#: sentence-transformers modules this pipeline reproduces (by the class name in modules.json).
+_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+_ACTIVATIONS = {
+    "Tanh": "tanh",
+    "Identity": None,
+    "ReLU": "relu",
+    "GELU": "gelu",
+    "Sigmoid": "sigmoid",
+}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pooling_modes(config):
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [m for key, m in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown:
+        raise ModelError(f"pooling modes {unknown} are not among {', '.join(POOLING_MODES)}")
+    return tuple(modes)
+
+
+class Pooling:
+    """Token embeddings -> one sentence embedding, as the checkpoint's sentence-transformers
+    modules say (``modules.json``: Pooling, then any Dense layers, then Normalize).
+
+    Without ``modules.json`` (a plain transformers checkpoint): mean pooling, no normalisation,
+    the feature-extraction convention. Modules this class does not implement are refused by
+    :meth:`from_checkpoint`, never skipped.
+    """
+
+    def __init__(self, modes=("mean",), dense=(), normalize=False):
+        self.modes = tuple(modes)
+        self.dense = list(dense)  # [(weight, bias or None, activation name or None), ...]
+        self.normalize = bool(normalize)
+
+    def to(self, target):
+        """The Dense weights on device ``target`` (the model's)."""
+        self.dense = [
+            (w.to(target), None if b is None else b.to(target), a) for w, b, a in self.dense
+        ]
+        return self
+
+    def describe(self):
+        parts = ["+".join(self.modes)]
+        parts += [f"dense {w.shape[1]}->{w.shape[0]}" for w, _, _ in self.dense]
+        if self.normalize:
+            parts.append("normalize")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir):
+        modules_path = os.path.join(checkpoint_dir, "modules.json")
+        if not os.path.exists(modules_path):
+            return cls()
+        modes, dense, normalize = ("mean",), [], False
+        for module in sorted(_read_json(modules_path), key=lambda m: int(m.get("idx", 0))):
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            folder = os.path.join(checkpoint_dir, module.get("path", ""))
+            if kind not in _ST_MODULES:
+                raise ModelError(
+                    f"sentence-transformers module {module.get('type')!r} is not supported; "
+                    f"supported: {', '.join(_ST_MODULES)}"
+                )
+            if kind == "Pooling":
+                config = _read_json(os.path.join(folder, "config.json"))
+                if config.get("include_prompt") is False:
+                    raise ModelError("Pooling with include_prompt=false (prompts) is not supported")
+                modes = _pooling_modes(config)
+            elif kind == "Dense":
+                dense.append(_load_dense(folder))
+            elif kind == "Normalize":
+                normalize = True
+        return cls(modes, dense, normalize)
+
+    def __call__(self, hidden, attention_mask):
+        """``hidden`` (batch, tokens, dim), ``attention_mask`` (batch, tokens) -> (batch, out)."""
+        import torch
+
+        hidden = hidden.float()  # pool in fp32 whatever the model's precision
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        # Position of the first attended token: 0 unless the tokenizer pads on the left.
+        first = attention_mask.to(torch.int32).argmax(dim=1)
+        pooled = []
+        for mode in self.modes:
+            if mode == "cls":
+                index = first.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+                pooled.append(torch.gather(hidden, 1, index).squeeze(1))
+            elif mode == "max":
+                pooled.append(hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values)
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                count = mask.sum(dim=1).clamp(min=1e-9)
+                total = (hidden * mask).sum(dim=1)
+                pooled.append(total / (count if mode == "mean" else torch.sqrt(count)))
+            elif mode == "weightedmean":
+                positions = torch.arange(
+                    1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device
+                )
+                weights = mask * (positions.view(1, -1, 1) - first.view(-1, 1, 1).to(hidden.dtype))
+                total = (hidden * weights).sum(dim=1)
+                pooled.append(total / weights.sum(dim=1).clamp(min=1e-9))
+            elif mode == "lasttoken":
+                length = hidden.shape[1]
+                flipped = attention_mask.to(torch.int32).flip(1)
+                values, offset = flipped.max(dim=1)
+                offset = torch.where(values == 0, torch.full_like(offset, length - 1), offset)
+                index = (length - 1 - offset).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+                pooled.append(torch.gather(hidden * mask, 1, index).squeeze(1))
+        out = torch.cat(pooled, dim=-1)
+        for weight, bias, activation in self.dense:
+            out = torch.nn.functional.linear(out, weight, bias)
+            if activation is not None:
+                out = getattr(torch, activation)(out)
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out
+
+
+def _load_dense(folder):
+    import torch
+
+    config = _read_json(os.path.join(folder, "config.json"))
+    if config.get("use_residual"):
+        raise ModelError("Dense modules with use_residual are not supported")
+    name = str(config.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    short = name.rsplit(".", 1)[-1]
+    if short not in _ACTIVATIONS:
+        raise ModelError(
+            f"Dense activation {name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}"
+        )
+    weights_path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(weights_path):
+        from safetensors.torch import load_file
+
+        state = load_file(weights_path)
+    else:
+        state = torch.load(
+            os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True
+        )
+    weight = state["linear.weight"].float()
+    bias = state.get("linear.bias")
+    return weight, None if bias is None else bias.float(), _ACTIVATIONS[short]
+
+
+# -- batching --------------------------------------------------------------------------------
+
+
+def run_batched(requests, parse, run, dtypes):
+    """One batched ``run`` for every request's items; a bad request fails alone.
+
+    ``parse(request)`` returns a request's items or raises :class:`BadInput`; ``run(items)``
+    returns ``{output name: array}`` with one row per item. Returns, per request, either
+    ``(outputs, None)`` or ``(None, exception)``. When the batched run raises, each request
+    runs on its own, so an input that only fails deep in the model (an id out of the
+    vocabulary, an image truncated after its header) costs its own request, not its batch's.
+    """
+    results: list = [None] * len(requests)
+    parsed = []
+    for i, request in enumerate(requests):
+        try:
+            parsed.append((i, parse(request)))
+        except BadInput as e:
+            results[i] = (None, e)
+    if not parsed:
+        return results
+    try:
+        outputs = run([item for _, items in parsed for item in items])
+    except Exception as e:  # reported to the clients below, never swallowed
+        if len(parsed) == 1:
+            results[parsed[0][0]] = (None, e)
+        else:
+            for i, items in parsed:
+                results[i] = _run_alone(items, run, dtypes)
+        return results
+    start = 0
+    for i, items in parsed:
+        end = start + len(items)
+        results[i] = (
+            {n: np.ascontiguousarray(a[start:end].astype(dtypes[n])) for n, a in outputs.items()},
+            None,
+        )
+        start = end
+    return results
+
+
+def _run_alone(items, run, dtypes):
+    try:
+        outputs = run(items)
+    except Exception as e:  # reported to this request's client, with its type and message
+        return None, e
+    return {n: np.ascontiguousarray(a.astype(dtypes[n])) for n, a in outputs.items()}, None
+
+
+def respond(requests, parse, run, dtypes):
+    """:func:`run_batched`, as Triton responses: BadInput -> 400, anything else -> 500."""
+    import triton_python_backend_utils as pb_utils
+
+    responses = []
+    for outputs, error in run_batched(requests, parse, run, dtypes):
+        if error is None:
+            tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        elif isinstance(error, BadInput):
+            responses.append(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+                )
+            )
+        else:
+            responses.append(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{type(error).__name__}: {error}")
+                )
+            )
+    return responses
