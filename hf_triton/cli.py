@@ -244,6 +244,21 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conformance(args: argparse.Namespace) -> int:
+    from hf_triton import conformance
+
+    report = conformance.run(args.out, args.families or None, progress=_say)
+    paths = report.save(args.out)
+    print(report.markdown())
+    print(
+        f"\n{len(report.rows)} rows in {report.seconds:.0f} s; wrote {paths['md']}, {paths['json']}"
+    )
+    if report.failures:
+        print(f"error: {len(report.failures)} rows failed", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -433,6 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench_results"))
     b.add_argument("--ready-timeout-s", type=float, default=600.0)
     b.set_defaults(func=_bench)
+    co = sub.add_parser(
+        "conformance",
+        help="build, serve and check every model family both ways against independent references",
+    )
+    co.add_argument("--out", type=Path, default=Path(".hf_triton/conformance"))
+    co.add_argument(
+        "--families",
+        type=_csv(str),
+        default=[],
+        help="comma-separated subset (default: all; 'minilm' for the real all-MiniLM-L6-v2)",
+    )
+    co.set_defaults(func=_conformance)
     ins = sub.add_parser("inspect", help="inputs/outputs of model.onnx or of a served model")
     ins.add_argument("target", help="path to a .onnx file, or a model name on --url")
     ins.add_argument("--url", default="127.0.0.1:8000", help="Triton HTTP host:port")

