@@ -41,10 +41,16 @@ class BuildOptions:
     name: str = "vit"
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
+    #: Requests that may wait per model (default: one batch's worth); 0 = unbounded.
+    max_queue_size: int | None = None
+    queue_timeout_ms: int = 10_000
     preprocessing_name: str = "preprocessing"
     ensemble_name: str = "ensemble_model"
     revision: str = ""
     precision: str = "fp32"  # fp32 | bf16 | int8 | fp16 (see hf_triton.precision)
+
+    def queue_size(self) -> int:
+        return self.max_batch_size if self.max_queue_size is None else self.max_queue_size
 
 
 @dataclass
@@ -106,10 +112,23 @@ def _parameters(params: list[tuple[str, str, str]]) -> list[str]:
 
 
 def _batching(options: BuildOptions, comment: str) -> list[str]:
+    queue = options.queue_size()
+    policy = [
+        "  # Overload: at most this many requests wait; the next is refused at once with",
+        "  # UNAVAILABLE (HTTP 503) instead of queueing without bound, and one that waited",
+        "  # longer than the timeout is refused when its turn comes (clients may ask for less).",
+        "  default_queue_policy {",
+        f"    max_queue_size: {queue}",
+        "    timeout_action: REJECT",
+        f"    default_timeout_microseconds: {options.queue_timeout_ms * 1000}",
+        "    allow_timeout_override: true",
+        "  }",
+    ]
     return [
         *_comment(comment, ""),
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
+        *(policy if queue else []),
         "}",
     ]
 

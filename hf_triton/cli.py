@@ -56,7 +56,13 @@ def _serve(args: argparse.Namespace) -> int:
     server = deployment.server(config)
     key_file = server.write_admin_key()
     models = entry_models(deployment.repositories)
-    supervisor = Supervisor(server, models, interval_s=args.probe_interval_s, on_event=_say)
+    supervisor = Supervisor(
+        server,
+        models,
+        interval_s=args.probe_interval_s,
+        max_restarts=args.max_restarts,
+        on_event=_say,
+    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -145,6 +151,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _soak(args: argparse.Namespace) -> int:
     from hf_triton import soak
 
+    if args.overload:
+        load = soak.overload(
+            args.url, args.model, args.overload, args.duration_s, args.server_pid, _say
+        )
+        print(load.summary())
+        for error in load.other_errors[:5]:
+            print(f"  {error}")
+        return 1 if load.other_errors or load.wrong else 0
     report = soak.run(
         args.url,
         args.model,
@@ -220,6 +234,8 @@ def _build(args: argparse.Namespace) -> int:
         preprocessing_name=args.preprocessing_name,
         ensemble_name=args.ensemble_name,
         precision=args.precision,
+        max_queue_size=args.max_queue_size,
+        queue_timeout_ms=args.queue_timeout_ms,
     )
     result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
@@ -307,6 +323,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "restarts the server (0 disables; default: %(default)s)",
     )
     p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts within 10 minutes after which the launcher gives up (default: %(default)s)",
+    )
+    p.add_argument(
         "--admin-key",
         default=None,
         help="value of the 'admin-key' header that unlocks the model-repository, "
@@ -365,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--ensemble-name", default="ensemble_model")
     bu.add_argument("--out", type=Path, default=Path("."), help="where the repositories go")
     bu.add_argument("--max-batch-size", type=int, default=8)
+    bu.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=None,
+        help="requests that may wait per model before more are refused with 503 "
+        "(default: --max-batch-size, one batch waiting; 0: unbounded)",
+    )
+    bu.add_argument(
+        "--queue-timeout-ms",
+        type=int,
+        default=10_000,
+        help="a request that waited this long is refused (default: %(default)s)",
+    )
     bu.add_argument(
         "--max-length",
         type=int,
@@ -478,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tritonserver pid: report resident memory of it and its stubs",
     )
+    sk.add_argument(
+        "--overload",
+        type=float,
+        default=0.0,
+        metavar="FACTOR",
+        help="instead: measure capacity, then offer FACTOR x it open-loop for --duration-s "
+        "(refusals must be fast 503s; accepted answers checked)",
+    )
+    sk.add_argument("--duration-s", type=float, default=60.0)
     sk.set_defaults(func=_soak)
     return parser
 

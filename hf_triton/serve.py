@@ -1,13 +1,15 @@
-"""Serve the model repositories: resolve the checkpoint, export if needed, stage, launch.
+"""Serve the model repositories: resolve the checkpoint, stage, export if needed, launch.
 
 The source repositories stay untouched (and can be read-only). Each run stages a
 copy in the work directory in which every ``checkpoint`` parameter names the
 resolved local checkpoint, so the served config shows exactly which weights are
-in use, and the server never needs the network.
+in use, and the server never needs the network. A missing or stale model.onnx is
+exported into the work directory's cache and placed in the staged copy only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -73,24 +75,33 @@ def entry_models(repositories: list[Path]) -> list[str]:
 
 
 def ensure_exported(
-    model_dir: Path, checkpoint: checkpoints.Checkpoint, version: str = "1"
+    model_dir: Path, checkpoint: checkpoints.Checkpoint, cache: Path, version: str = "1"
 ) -> Path:
-    """Export ``checkpoint`` to ``model_dir/<version>/model.onnx`` unless that is current."""
+    """Make ``model_dir/<version>/model.onnx`` the export of ``checkpoint``.
+
+    A current file (its export record names the checkpoint) stays; otherwise the export comes
+    from ``cache`` (made there once, validated, reused by later launches) and replaces it as a
+    new file, so a hard link into the source repository is never written through.
+    """
     path = model_dir / version / ONNX_FILENAME
     recorded = export.exported_checkpoint(path)
     if recorded == str(checkpoint.path):
         log.info("%s is current (exported from %s)", path, recorded)
         return path
-    if recorded is None and path.exists():
-        log.warning("%s has no export record; re-exporting from %s", path, checkpoint.path)
-    elif recorded is not None:
-        log.warning(
-            "%s was exported from %s; re-exporting from %s", path, recorded, checkpoint.path
+    if path.exists():
+        log.info(
+            "%s was exported from %s; serving an export of %s", path, recorded, checkpoint.path
         )
-    log.info("Exporting %s to %s (once; later runs reuse it) ...", checkpoint.name, path)
-    report = export.export_onnx(checkpoint.path, path)
-    for name, diff in report.max_abs_diff.items():
-        log.info("  validated %s: max |onnx - torch| = %.2e (atol %g)", name, diff, report.atol)
+    digest = hashlib.sha256(str(checkpoint.path).encode()).hexdigest()[:16]
+    cached = cache / digest / ONNX_FILENAME
+    if export.exported_checkpoint(cached) != str(checkpoint.path):
+        log.info("Exporting %s to %s (once; later runs reuse it) ...", checkpoint.name, cached)
+        report = export.export_onnx(checkpoint.path, cached)
+        for name, diff in report.max_abs_diff.items():
+            log.info("  validated %s: max |onnx - torch| = %.2e (atol %g)", name, diff, report.atol)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    _link_or_copy(str(cached), str(path))
     return path
 
 
@@ -99,6 +110,7 @@ def stage(
     dest: Path,
     checkpoint: checkpoints.Checkpoint | None,
     path_of: Callable[[checkpoints.Checkpoint], str] | None = None,
+    allow_standin: bool = True,
 ) -> tuple[list[Path], list[checkpoints.Checkpoint]]:
     """Copy ``repositories`` under ``dest`` with every ``checkpoint`` parameter resolved.
 
@@ -135,7 +147,9 @@ def stage(
             if ckpt is None:
                 name = cfg.parameters["checkpoint"].string_value
                 revision = cfg.parameters["revision"].string_value or None
-                ckpt = used.get(name) or checkpoints.resolve(name, revision)
+                ckpt = used.get(name) or checkpoints.resolve(
+                    name, revision, allow_standin=allow_standin
+                )
             used[ckpt.name] = ckpt
             cfg.parameters["checkpoint"].string_value = path_of(ckpt)
             if ckpt.revision:
@@ -186,10 +200,12 @@ class Deployment:
         ckpt = None
         if checkpoint is not None:
             ckpt = checkpoints.resolve(checkpoint, revision, allow_standin=allow_standin)
-            for repo in sources:
+        staged, used = stage(sources, workdir / "repositories", ckpt, path_of, allow_standin)
+        if ckpt is not None:
+            # Exports go to the staged copy (via a cache), never into the source repositories.
+            for repo in staged:
                 for model_dir in onnx_models(repo):
-                    ensure_exported(model_dir, ckpt)
-        staged, used = stage(sources, workdir / "repositories", ckpt, path_of)
+                    ensure_exported(model_dir, ckpt, workdir / "exports")
         for c in used:
             log.info("Weights: %s", c.describe())
         if ckpt is not None and not used:

@@ -177,6 +177,18 @@ class ServerConfig:
     #: one by default. None leaves every API open.
     admin_key: str | None = field(default_factory=lambda: secrets.token_urlsafe(24))
     restricted_apis: tuple[str, ...] = RESTRICTED_APIS
+    #: Names this server's shared-memory regions in /dev/shm, so what a killed server leaves
+    #: behind can be found and removed (Triton's default names carry no owner).
+    shm_prefix: str = field(default_factory=lambda: f"hf_triton_{secrets.token_hex(4)}_")
+
+    def check(self) -> None:
+        """Refuse settings Triton 2.51 would accept and then not honour."""
+        if ":" in self.host:
+            raise ServerError(
+                f"--host {self.host}: Triton 2.51 serves HTTP and metrics on IPv4 only (given an "
+                "IPv6 address it binds nothing reachable); use 127.0.0.1 (loopback, the default) "
+                "or 0.0.0.0 (every interface)"
+            )
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -189,6 +201,7 @@ class ServerConfig:
             f"--backend-directory={backends}",
             # The Python-based onnxruntime backend reads this flag back, as the native one does.
             f"--backend-config=default-max-batch-size={self.default_max_batch_size}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
@@ -205,6 +218,17 @@ class ServerConfig:
             rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
             args += [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
         return args
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def _stub_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _die_with_parent() -> None:
@@ -239,6 +263,7 @@ class TritonServer:
         return f"http://{host}:{self.config.http_port}"
 
     def start(self) -> None:
+        self.config.check()
         self.dist.check_libpython()
         for name in ("http", "grpc", "metrics"):
             port = getattr(self.config, f"{name}_port")
@@ -328,7 +353,8 @@ class TritonServer:
             return {m["name"]: m.get("state", "") for m in json.load(r)}
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGINT, wait for the drain (``--exit-timeout-secs`` + margin), then SIGKILL."""
+        """SIGINT, wait for the drain (``--exit-timeout-secs`` + margin), then SIGKILL; then
+        remove any shared-memory region of this server that is left (a dead stub's, say)."""
         if self._proc is None:
             return None
         if self._proc.poll() is None:
@@ -338,10 +364,44 @@ class TritonServer:
                     timeout_s if timeout_s is not None else self.config.exit_timeout_s + 10
                 )
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in time; killing it")
+                log.info("tritonserver still stopping after the grace period: killing it")
                 self._proc.kill()
                 self._proc.wait()
+        self.remove_shm_regions()
         return self._proc.returncode
+
+    def shm_regions(self) -> list[Path]:
+        """This server's shared-memory regions in /dev/shm."""
+        return sorted(SHM_DIR.glob(f"{self.config.shm_prefix}*"))
+
+    def remove_shm_regions(self, grace_s: float = 5.0) -> list[Path]:
+        """Remove the regions the stopped server left; stubs of a killed server remove their
+        own within seconds, so give them ``grace_s`` first. The removed paths."""
+        deadline = time.monotonic() + grace_s
+        while self.shm_regions() and time.monotonic() < deadline:
+            if not any(_stub_alive(p) for p in self._stub_pids()):
+                break
+            time.sleep(0.2)
+        removed = self.shm_regions()
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            log.info("removed %d shared-memory region(s) left in %s", len(removed), SHM_DIR)
+        return removed
+
+    def _stub_pids(self) -> list[int]:
+        """Python-backend stubs started by this server that are still around."""
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"triton_python_backend_stub") and any(
+                a.startswith(self.config.shm_prefix.encode()) for a in argv
+            ):
+                pids.append(int(cmdline.parent.name))
+        return pids
 
     def restart(self) -> None:
         """Stop briefly (a dead stub makes a graceful stop wait out the whole exit timeout),
@@ -371,15 +431,33 @@ class TritonServer:
         self.stop()
 
 
-_LOAD_FAIL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
-_TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*UNAVAILABLE:\s*(.*?)\s*\|?$")
+#: Triton's log lines that name a model that did not load, and why.
+_LOAD_FAILURES = (
+    # model.py or the backend raised while loading; the table at the end repeats it.
+    re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)"),
+    re.compile(r"^\|\s*(\S+)\s*\|\s*\S+\s*\|\s*UNAVAILABLE:\s*(.*?)\s*\|?$"),
+    # an ensemble whose steps do not fit together (never reaches the table)
+    re.compile(r"Invalid argument: in ensemble ([^,\s]+), (.*)"),
+    # a config.pbtxt that does not parse (the parser's complaint is on the line before)
+    re.compile(r"Poll failed for model directory '([^']+)': (.*)"),
+)
+_PARSE_ERROR = re.compile(r"Error parsing text-format inference\.ModelConfig: (.*)")
 
 
 def model_load_failures(log_text: str) -> dict[str, str]:
-    """Model name -> reason, from Triton's start-up log."""
+    """Model name -> reason, from Triton's start-up log (first reason per model)."""
     failures: dict[str, str] = {}
+    parse_error = ""
     for line in log_text.splitlines():
-        m = _LOAD_FAIL.search(line) or _TABLE_ROW.match(line.strip())
-        if m and m.group(1) not in failures:
-            failures[m.group(1)] = m.group(2).strip()
+        if m := _PARSE_ERROR.search(line):
+            parse_error = m.group(1).strip()
+            continue
+        for pattern in _LOAD_FAILURES:
+            m = pattern.search(line.strip())
+            if m and m.group(1) not in failures:
+                reason = m.group(2).strip().rstrip('"').replace("\\n", "\n").strip()
+                if parse_error and "failed to read text proto" in reason:
+                    reason = f"{reason}: {parse_error}"
+                failures[m.group(1)] = reason.split("\n\nAt:")[0]
+                break
     return failures

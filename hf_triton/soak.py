@@ -53,9 +53,14 @@ def rss_bytes(pid: int) -> int:
 
 
 def shm_regions() -> set[str]:
-    """Triton's shared-memory regions in /dev/shm (python backend and Python-based backends)."""
+    """Triton's shared-memory regions in /dev/shm: this project's servers' (``hf_triton_*``,
+    see ``ServerConfig.shm_prefix``) and any other Triton's (``*shm_region*``)."""
     try:
-        return {p.name for p in SHM_DIR.iterdir() if "shm_region" in p.name}
+        return {
+            p.name
+            for p in SHM_DIR.iterdir()
+            if p.name.startswith("hf_triton_") or "shm_region" in p.name
+        }
     except OSError:
         return set()
 
@@ -152,25 +157,11 @@ def run(
     import numpy as np
     import tritonclient.http as httpclient
 
-    from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS
-
     client = httpclient.InferenceServerClient(url=url)
     metadata = client.get_model_metadata(model)
     client.close()
-    inputs = {i["name"] for i in metadata["inputs"]}
     outputs = [o["name"] for o in metadata["outputs"]]
-    rng = np.random.default_rng(0)
-    if IMAGE_INPUTS[1].name in inputs:
-        name, datatype = IMAGE_INPUTS[1].name, "UINT8"
-        samples = [rng.integers(0, 256, (1, 48 + i, 64, 3), dtype=np.uint8) for i in range(16)]
-    elif TEXT_INPUTS[0].name in inputs:
-        name, datatype = TEXT_INPUTS[0].name, "BYTES"
-        samples = [
-            np.array([[f"Soak sentence number {i}: {'word ' * i}".encode()]], dtype=object)
-            for i in range(16)
-        ]
-    else:
-        raise ValueError(f"model '{model}' takes {sorted(inputs)}; soak sends images or text")
+    name, datatype, samples = _samples({i["name"] for i in metadata["inputs"]}, model)
     first: dict[int, dict[str, np.ndarray]] = {}
     local = threading.local()
 
@@ -190,3 +181,174 @@ def run(
         )
 
     return run_soak(send, check, requests, concurrency, server_pid, warmup, progress)
+
+
+# -- overload: open-loop load past capacity ---------------------------------------------------
+
+
+@dataclass
+class OverloadReport:
+    """Offered load ``factor`` x the measured capacity, open loop, for ``seconds``."""
+
+    model: str
+    capacity_rps: float  # closed loop at concurrency = the model's max batch size
+    unloaded_p99_ms: float  # the same closed loop: what an accepted request costs at capacity
+    offered_rps: float
+    seconds: float
+    ok: int = 0
+    wrong: int = 0
+    refused: int = 0  # UNAVAILABLE (503): queue full or queue timeout
+    other_errors: list[str] = field(default_factory=list)
+    accepted_ms: list[float] = field(default_factory=list, repr=False)
+    refused_ms: list[float] = field(default_factory=list, repr=False)
+    rss_before: int = 0
+    rss_after: int = 0
+
+    def p(self, values: list[float], q: float) -> float:
+        import numpy as np
+
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"{self.model}: capacity {self.capacity_rps:.1f} req/s (p99 {self.unloaded_p99_ms:.0f} "
+            f"ms at capacity); offered {self.offered_rps:.0f} req/s for {self.seconds:.0f} s: "
+            f"{self.ok} answered (p50 {self.p(self.accepted_ms, 50):.0f} ms, p99 "
+            f"{self.p(self.accepted_ms, 99):.0f} ms = "
+            f"{self.p(self.accepted_ms, 99) / self.unloaded_p99_ms:.1f}x), {self.refused} "
+            f"refused with 503 (p99 {self.p(self.refused_ms, 99):.1f} ms), {self.wrong} wrong, "
+            f"{len(self.other_errors)} other errors; server RSS "
+            f"{self.rss_before / 2**20:.0f} -> {self.rss_after / 2**20:.0f} MiB"
+        )
+
+
+def overload(
+    url: str,
+    model: str,
+    factor: float = 10.0,
+    seconds: float = 60.0,
+    server_pid: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> OverloadReport:
+    """Measure capacity closed-loop, then offer ``factor`` x that open-loop for ``seconds``.
+
+    Every answer is checked against the lone answer to the same input; refusals must be
+    Triton's UNAVAILABLE; anything else is an error.
+    """
+    import asyncio
+
+    import numpy as np
+    import tritonclient.http as httpclient
+    import tritonclient.http.aio as aioclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=url)
+    metadata = client.get_model_metadata(model)
+    config = client.get_model_config(model)
+    client.close()
+    name, datatype, samples = _samples({i["name"] for i in metadata["inputs"]}, model)
+    outputs = [o["name"] for o in metadata["outputs"]]
+    batch = max(1, int(config.get("max_batch_size", 1)))
+    say = progress or (lambda _: None)
+
+    async def main() -> OverloadReport:
+        aio = aioclient.InferenceServerClient(url=url, conn_limit=4096)
+        expected: dict[int, dict[str, np.ndarray]] = {}
+
+        async def one(i: int) -> dict[str, np.ndarray]:
+            sample = samples[i % len(samples)]
+            tensor = aioclient.InferInput(name, list(sample.shape), datatype)
+            tensor.set_data_from_numpy(sample)
+            result = await aio.infer(model, [tensor])
+            return {o: result.as_numpy(o) for o in outputs}
+
+        for i in range(len(samples)):
+            expected[i] = await one(i)
+
+        # Capacity: `batch` callers back to back for a few seconds.
+        done, latencies = 0, []
+        stop_at = time.monotonic() + min(10.0, seconds / 3)
+
+        async def caller(k: int) -> None:
+            nonlocal done
+            i = k
+            while time.monotonic() < stop_at:
+                start = time.perf_counter()
+                await one(i)
+                latencies.append((time.perf_counter() - start) * 1e3)
+                done += 1
+                i += batch
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller(k) for k in range(batch)))
+        capacity = done / (time.monotonic() - started)
+        report = OverloadReport(
+            model,
+            capacity,
+            float(np.percentile(latencies, 99)),
+            factor * capacity,
+            seconds,
+            rss_before=rss_bytes(server_pid) if server_pid else 0,
+        )
+        say(f"capacity {capacity:.1f} req/s; offering {report.offered_rps:.0f} req/s")
+
+        async def fire(i: int) -> None:
+            start = time.perf_counter()
+            try:
+                got = await one(i)
+            except InferenceServerException as e:
+                ms = (time.perf_counter() - start) * 1e3
+                if e.status() == "503":
+                    report.refused += 1
+                    report.refused_ms.append(ms)
+                else:
+                    report.other_errors.append(f"[{e.status()}] {e.message()}")
+                return
+            except Exception as e:  # connection trouble: counted, never hidden
+                report.other_errors.append(f"{type(e).__name__}: {e}")
+                return
+            report.accepted_ms.append((time.perf_counter() - start) * 1e3)
+            ref = expected[i % len(samples)]
+            same = all(np.allclose(got[o], ref[o], atol=1e-4) for o in outputs)
+            report.ok += same
+            report.wrong += not same
+
+        tasks = []
+        interval = 1.0 / report.offered_rps
+        began = time.monotonic()
+        i = 0
+        while (now := time.monotonic()) < began + seconds:
+            due = began + i * interval
+            if due > now:
+                await asyncio.sleep(due - now)
+            tasks.append(asyncio.ensure_future(fire(i)))
+            i += 1
+        await asyncio.gather(*tasks)
+        await aio.close()
+        if server_pid:
+            report.rss_after = rss_bytes(server_pid)
+        return report
+
+    return asyncio.run(main())
+
+
+def _samples(inputs: set[str], model: str) -> tuple[str, str, list[Any]]:
+    """16 distinct one-item requests for a model taking images or text."""
+    import numpy as np
+
+    from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS
+
+    rng = np.random.default_rng(0)
+    if IMAGE_INPUTS[1].name in inputs:
+        images = [rng.integers(0, 256, (1, 48 + i, 64, 3), dtype=np.uint8) for i in range(16)]
+        return IMAGE_INPUTS[1].name, "UINT8", images
+    if TEXT_INPUTS[0].name in inputs:
+        texts = [
+            np.array([[f"Soak sentence number {i}: {'word ' * i}".encode()]], dtype=object)
+            for i in range(16)
+        ]
+        return TEXT_INPUTS[0].name, "BYTES", texts
+    if len(inputs) == 1:  # a plain tensor model (e.g. the tests' fault model): FP32 rows
+        only = next(iter(inputs))
+        return only, "FP32", [np.full((1, 4), float(i), np.float32) for i in range(16)]
+    raise ValueError(f"model '{model}' takes {sorted(inputs)}; soak sends images or text")

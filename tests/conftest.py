@@ -36,6 +36,31 @@ ADMIN_HEADERS = {"admin-key": ADMIN_KEY}
 PHOTO = Path(__import__("matplotlib").get_data_path(), "sample_data", "grace_hopper.jpg")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that damage the session's shared servers (and watch them recover) run last."""
+    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+
+
+def _source_tree_state() -> str:
+    run = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return run.stdout if run.returncode == 0 else ""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def source_tree_untouched() -> Iterator[None]:
+    """Tests never write into the source tree: its git status is the same after the session."""
+    before = _source_tree_state()
+    yield
+    after = _source_tree_state()
+    assert after == before, f"the tests changed the source tree:\n{after}"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_vit_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vit", seed=0, **TINY_VIT)
@@ -143,6 +168,7 @@ class RunningServer:
     repositories: Path
     checkpoint: Path
     process: subprocess.Popen[bytes]
+    launched: Launched
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +188,13 @@ def server(
     )
     try:
         yield RunningServer(
-            launched.url, launched.grpc_url, launched.workdir, repos, tiny_checkpoint, launched.proc
+            launched.url,
+            launched.grpc_url,
+            launched.workdir,
+            repos,
+            tiny_checkpoint,
+            launched.proc,
+            launched,
         )
     finally:
         launched.stop()

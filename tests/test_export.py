@@ -61,10 +61,10 @@ def test_launcher_reexports_only_when_stale(exported, tiny_checkpoint, tmp_path)
     (model_dir / "1" / "model.onnx").write_bytes(exported.read_bytes())
     current = Checkpoint(str(tiny_checkpoint), Path(tiny_checkpoint))
     before = (model_dir / "1" / "model.onnx").stat().st_mtime_ns
-    ensure_exported(model_dir, current)
+    ensure_exported(model_dir, current, tmp_path / "cache")
     assert (model_dir / "1" / "model.onnx").stat().st_mtime_ns == before
 
     other = tmp_path / "other"
     other.symlink_to(tiny_checkpoint, target_is_directory=True)
-    ensure_exported(model_dir, Checkpoint(str(other), other))
+    ensure_exported(model_dir, Checkpoint(str(other), other), tmp_path / "cache")
     assert export.exported_checkpoint(model_dir / "1" / "model.onnx") == str(other)

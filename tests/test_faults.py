@@ -1,9 +1,11 @@
-"""Faults against a real server: exceptions, a killed stub, SIGTERM under load, soak, /dev/shm."""
+"""Faults against real servers: exceptions, killed stubs of every kind, a model that keeps
+dying, SIGTERM at start-up and under load, overload, soak, /dev/shm leftovers."""
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -15,33 +17,36 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from hf_triton import soak
 from hf_triton.soak import process_tree, run_soak, shm_regions
 
-from conftest import Launched, launch
+from conftest import PROJECT_ROOT, Launched, launch
 
 FAULT_REPOSITORY = Path(__file__).parent / "fault_repository"
-RECOVERY_LIMIT_S = 90.0
+DYING_REPOSITORY = Path(__file__).parent / "dying_repository"
 
 
-def _launch(tmp: Path, checkpoint: Path, probe_interval_s: float = 0.0) -> Launched:
-    return launch(
-        [FAULT_REPOSITORY],
-        tmp / "work",
-        checkpoint,
-        extra=("--probe-interval-s", str(probe_interval_s)),
-    )
+def _launch(tmp: Path, checkpoint: Path, *extra: str) -> Launched:
+    return launch([FAULT_REPOSITORY], tmp / "work", checkpoint, extra=extra)
+
+
+def call(url: str, model: str, x: np.ndarray, timeout_s: float = 30.0) -> np.ndarray:
+    client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s)
+    try:
+        tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x.astype(np.float32))
+        return client.infer(model, [tensor]).as_numpy("y")
+    finally:
+        client.close()
 
 
 def double(url: str, x: np.ndarray, timeout_s: float = 30.0) -> np.ndarray:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s)
-    tensor = httpclient.InferInput("x", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x.astype(np.float32))
-    return client.infer("faulty", [tensor]).as_numpy("y")
+    return call(url, "faulty", x, timeout_s)
 
 
-@pytest.fixture
-def fault_server(tmp_path, tiny_checkpoint) -> Iterator[Launched]:
-    launched = _launch(tmp_path, tiny_checkpoint, probe_interval_s=1.0)
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory, tiny_checkpoint) -> Iterator[Launched]:
+    launched = _launch(tmp_path_factory.mktemp("faults"), tiny_checkpoint)
     try:
         yield launched
     finally:
@@ -55,44 +60,128 @@ def test_execute_exception_is_a_500_and_next_request_works(fault_server):
     np.testing.assert_array_equal(double(fault_server.url, np.array([[3.0]])), [[6.0]])
 
 
-def _stub_pids(server_pid: int, model: str) -> list[int]:
+def test_client_timeout_leaves_the_server_serving(fault_server):
+    """Clients that give up mid-request (timeout, cancel) must not hurt the server."""
+
+    def abandon(_: int) -> str:
+        try:
+            double(fault_server.url, np.array([[5.0]]), timeout_s=0.001)
+        except Exception as e:  # the client's own timeout
+            return type(e).__name__
+        return "answered"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(abandon, range(16)))
+    assert outcomes.count("answered") < 16  # the timeouts really happened
+    np.testing.assert_array_equal(double(fault_server.url, np.array([[7.0]])), [[14.0]])
+
+
+def test_overload_is_refused_fast_and_accepted_answers_stay_right(fault_server):
+    """10x the capacity of a model with a bounded queue: the excess gets 503 within
+    milliseconds, accepted requests keep their latency bounded, nothing is answered wrong."""
+    report = soak.overload(fault_server.url, "slow", factor=10, seconds=8)
+    print(report.summary())
+    assert report.refused > report.ok > 0, report.summary()
+    assert not report.other_errors and report.wrong == 0, report.summary()
+    assert report.p(report.refused_ms, 99) < 50, report.summary()
+    assert report.p(report.accepted_ms, 99) <= 3 * report.unloaded_p99_ms, report.summary()
+
+
+def test_soak_exactly_once_bounded_memory(fault_server):
+    report = run_soak(
+        send=lambda i: double(fault_server.url, np.array([[float(i), float(-i - 2)]])),
+        check=lambda i, y: y.tolist() == [[2.0 * i, 2.0 * (-i - 2)]],
+        requests=600,
+        concurrency=8,
+        server_pid=fault_server.proc.pid,
+        warmup=100,
+    )
+    print(report.summary())
+    assert not report.errors and report.wrong == 0 and not report.not_exactly_once
+    assert report.rss_growth < 32 * 2**20, report.summary()
+
+
+def _stub_pids(root_pid: int, model: str) -> list[int]:
+    """Python-backend stubs serving ``model`` (its model.py or model.onnx) under ``root_pid``."""
     pids = []
-    for pid in process_tree(server_pid):
+    for pid in process_tree(root_pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (
-            cmdline[0].endswith(b"triton_python_backend_stub")
-            and f"/{model}/".encode() in cmdline[1]
+        if cmdline[0].endswith(b"triton_python_backend_stub") and re.search(
+            rf"/{re.escape(model)}/\d+/model\.(py|onnx)$".encode(), cmdline[1]
         ):
             pids.append(pid)
     return pids
 
 
-def test_killed_stub_is_detected_and_service_recovers(fault_server):
-    assert double(fault_server.url, np.array([[1.0]]))[0, 0] == 2.0
-    stubs = _stub_pids(fault_server.proc.pid, "faulty")
-    assert stubs, "no stub process found for 'faulty'"
-    os.kill(stubs[0], signal.SIGKILL)
-    killed = time.monotonic()
-    # Triton itself keeps reporting ready; only a real inference shows the damage.
-    deadline = killed + RECOVERY_LIMIT_S
-    while time.monotonic() < deadline:
-        try:
-            if double(fault_server.url, np.array([[2.0]]), timeout_s=5)[0, 0] == 4.0:
-                break
-        except Exception:
-            time.sleep(0.5)
-    else:
-        pytest.fail(f"not recovered after {RECOVERY_LIMIT_S} s:\n{fault_server.output()}")
-    took = time.monotonic() - killed
-    # The launcher reports once its own probes pass again, a moment after service is back.
-    deadline = time.monotonic() + 30
-    while "recovered in" not in fault_server.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "not healthy" in fault_server.output() and "recovered in" in fault_server.output()
-    print(f"service back {took:.1f} s after the stub was killed")
+def _wait_for(launched: Launched, text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in launched.output() and time.monotonic() < deadline:
+        assert launched.proc.poll() is None, launched.output()
+        time.sleep(0.5)
+    assert text in launched.output(), f"no {text!r} after {timeout_s} s:\n{launched.output()}"
+
+
+def test_model_that_keeps_dying_makes_the_launcher_give_up(tmp_path, tiny_checkpoint):
+    before = shm_regions()
+    launched = launch(
+        [DYING_REPOSITORY],
+        tmp_path / "work",
+        tiny_checkpoint,
+        extra=("--probe-interval-s", "1", "--max-restarts", "2"),
+    )
+    try:
+        code = launched.proc.wait(180)
+    finally:
+        launched.stop()
+    out = launched.output()
+    assert code == 1, out
+    assert out.count("recovered in") <= 2 and "restart #2 in a row" in out, out
+    assert "error: giving up: 2 restarts in the last 600 s did not keep the models alive" in out
+    assert shm_regions() - before == set()
+
+
+def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_checkpoint):
+    """A launcher told to stop while its models load stops, and leaves no shared memory."""
+    import subprocess
+    import sys
+
+    from hf_triton.server import free_port
+
+    before = shm_regions()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hf_triton.cli",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--model-repository",
+            str(FAULT_REPOSITORY),
+            "--workdir",
+            str(tmp_path / "work"),
+            *("--http-port", str(free_port()), "--grpc-port", str(free_port())),
+            *("--metrics-port", str(free_port())),
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # until tritonserver has been started
+        if line.startswith("Starting Triton"):
+            break
+    time.sleep(1.0)  # models are loading now
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(45)
+    took = time.monotonic() - signalled
+    assert code == 0 and took < 30 + 5, (code, took)
+    assert shm_regions() - before == set()
 
 
 def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
@@ -123,35 +212,41 @@ def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
     assert not leftovers, f"/dev/shm leftovers after shutdown: {leftovers}"
 
 
-def test_soak_exactly_once_bounded_memory(tmp_path, tiny_checkpoint):
-    launched = _launch(tmp_path, tiny_checkpoint)
-    try:
-        report = run_soak(
-            send=lambda i: double(launched.url, np.array([[float(i), float(-i - 2)]])),
-            check=lambda i, y: y.tolist() == [[2.0 * i, 2.0 * (-i - 2)]],
-            requests=600,
-            concurrency=8,
-            server_pid=launched.proc.pid,
-            warmup=100,
-        )
-    finally:
-        assert launched.stop() == 0
-    print(report.summary())
-    assert not report.errors and report.wrong == 0 and not report.not_exactly_once
-    assert report.rss_growth < 32 * 2**20, report.summary()
+@pytest.mark.destructive
+def test_every_kind_of_stub_killed_recovers(server, text_server, photo):
+    """Kill one stub of every kind the session's servers run — vision python, image
+    preprocessing, ONNX step, text python, tokenizer (ensembles lose theirs with them) — with
+    the launchers' default probe interval: both report and recover, every model answers as
+    before, and the dead stubs' shared memory is gone."""
+    from test_text import send_text
 
+    from helpers import infer
 
-def test_client_timeout_leaves_the_server_serving(fault_server):
-    """Clients that give up mid-request (timeout, cancel) must not hurt the server."""
-
-    def abandon(_: int) -> str:
-        try:
-            double(fault_server.url, np.array([[5.0]]), timeout_s=0.001)
-        except Exception as e:  # the client's own timeout
-            return type(e).__name__
-        return "answered"
-
-    with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(abandon, range(16)))
-    assert outcomes.count("answered") < 16  # the timeouts really happened
-    np.testing.assert_array_equal(double(fault_server.url, np.array([[7.0]])), [[14.0]])
+    image = photo[None]
+    vision_before = {m: infer(server.url, m, image) for m in ("python_vit", "ensemble_model")}
+    text_before = {
+        m: send_text(text_server.url, m, ["A sentence."], "sentence_embedding")
+        for m in ("python_minilm", "ensemble_minilm")
+    }
+    regions = {r for r in shm_regions() if r.startswith("hf_triton_")}
+    kills = {
+        server.process.pid: ["python_vit", "preprocessing", "vit"],
+        text_server.launched.proc.pid: ["python_minilm", "minilm_pre", "minilm"],
+    }
+    for root, models in kills.items():
+        for model in models:
+            stubs = _stub_pids(root, model)
+            assert stubs, f"no stub for {model}"
+            os.kill(stubs[0], signal.SIGKILL)
+    # The default probe interval is 30 s; a restart takes ~20 s.
+    for launched in (server.launched, text_server.launched):
+        _wait_for(launched, "recovered in", timeout_s=150)
+        assert "is not healthy" in launched.output()
+    for model, want in vision_before.items():
+        got = infer(server.url, model, image)
+        np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"], atol=1e-4)
+    for model, want in text_before.items():
+        got = send_text(text_server.url, model, ["A sentence."], "sentence_embedding")
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    left = regions & shm_regions()
+    assert not left, f"shared memory of the killed stubs is still in /dev/shm: {left}"

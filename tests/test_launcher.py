@@ -62,7 +62,7 @@ def test_model_load_failures_are_parsed():
         "| python_vit | 1 | READY |\n"
     )
     assert model_load_failures(log) == {
-        "vit": 'Internal: vit/1/model.onnx does not exist - run ./export.sh to create it"'
+        "vit": "Internal: vit/1/model.onnx does not exist - run ./export.sh to create it"
     }
 
 

@@ -150,13 +150,6 @@ def test_variants_serve_and_record_their_precision(small_vit, tmp_path, photo):
 def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
     """`bench --precisions`: the int8 variant is built, gated, served and measured bare."""
     import json
-    import shutil
-
-    from hf_triton.serve import DEFAULT_REPOSITORIES
-
-    repos = [tmp_path / r.name for r in DEFAULT_REPOSITORIES]  # the export lands here
-    for src, dst in zip(DEFAULT_REPOSITORIES, repos, strict=True):
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx"))
 
     run = run_cli(
         "bench",
@@ -180,7 +173,6 @@ def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
         "3",
         "--workdir",
         str(tmp_path / "w"),
-        *(a for r in repos for a in ("--model-repository", str(r))),
         "--out",
         str(tmp_path / "out"),
     )

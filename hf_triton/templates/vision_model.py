@@ -20,8 +20,9 @@ its rescale and normalisation as one affine map over the whole batch; it checks 
 against the reference when the model loads and falls back to it when they differ.
 
 Memory is bounded before anything is decoded: a side limit and a pixel budget per request
-(``max_side_px``, ``max_request_megapixels``), and images are decoded and resized one by one, so
-a batch never holds more than a few full-size images at once.
+(``max_side_px``, ``max_request_megapixels``, checked on the headers), and images are decoded
+and resized as a pixel budget allows (``max_decode_megapixels``), so a batch never holds more
+full-size images than that, however many requests it gathers.
 
 config.pbtxt is the source of truth: tensor names and dtypes, the checkpoint (hub id or
 local directory), its revision, the precision, the preprocessing path and the budgets.
@@ -29,9 +30,11 @@ Depends on numpy, torch, transformers, pillow, Triton's ``triton_python_backend_
 ``hf_common.py`` beside it, so the repository runs unchanged in NVIDIA's container.
 """
 
+import contextlib
 import io
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import hf_common
@@ -48,6 +51,8 @@ PIXEL_VALUES = "pixel_values"
 #: Defaults of the budgets (config parameters of the same names override them).
 MAX_SIDE_PX = 8192
 MAX_REQUEST_MEGAPIXELS = 64
+#: Pixels decoded and being resized at once, across worker threads (memory: ~12 bytes each).
+MAX_DECODE_MEGAPIXELS = 48
 #: The vectorised path must match the processor this closely (normalised pixel values).
 SELF_CHECK_ATOL = 1e-4
 
@@ -62,26 +67,36 @@ def _check_size(name, height, width, max_side):
         )
 
 
-def _open(name, index, data, max_side):
-    """An encoded image, opened but not decoded (only its header is read)."""
+def _open(name, index, data):
+    """An encoded image opened (only its header is read); BadInput if it is no image."""
     if len(data) == 0:
         raise BadInput(f"input '{name}'[{index}]: empty; expected encoded image bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for data it cannot identify
         raise BadInput(
             f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
         ) from e
-    _check_size(f"{name}[{index}]", img.height, img.width, max_side)
-    return img
 
 
-def decode(name, index, img):
-    """An opened image -> uint8 H x W x 3, as ``transformers.image_utils.load_image`` does it:
-    EXIF orientation applied, then converted to RGB."""
+def image_size(name, index, data, max_side):
+    """(height, width) of an encoded image, from its header; checked against ``max_side``."""
+    with _open(name, index, data) as img:
+        _check_size(f"{name}[{index}]", img.height, img.width, max_side)
+        return img.height, img.width
+
+
+def decode(name, index, data):
+    """Encoded bytes -> an RGB PIL image, as ``transformers.image_utils.load_image`` makes it:
+    EXIF orientation applied, then converted to RGB. The processor reads the PIL image as is,
+    so a photo is held decoded once, and only while it is being resized."""
+    img = _open(name, index, data)
     try:
-        with img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        img.load()
+        # In place, and converted only if not RGB yet: load_image's pixels without its copies
+        # of a photo that may be 100 MB decoded.
+        ImageOps.exif_transpose(img, in_place=True)
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:  # truncated or corrupt data shows only when decoding
         raise BadInput(
             f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
@@ -89,9 +104,44 @@ def decode(name, index, img):
 
 
 def process(processor, images, **kwargs):
-    """``processor`` on uint8 H x W x 3 arrays (channels last, even for a 1 x 1 x 3 image)."""
+    """``processor`` on RGB PIL images or uint8 H x W x 3 arrays (channels last, even for a
+    1 x 1 x 3 array)."""
     out = processor(images=images, input_data_format="channels_last", return_tensors="np", **kwargs)
     return out[PIXEL_VALUES]
+
+
+class Pending:
+    """An image whose size is known (from its header, or its array) and whose pixels come
+    from ``load()``, each time anew: decoding waits for the image's turn under the
+    :class:`PixelBudget`, and nothing keeps the decoded pixels once they are resized."""
+
+    __slots__ = ("load", "pixels")
+
+    def __init__(self, pixels, load):
+        self.pixels = pixels
+        self.load = load
+
+
+class PixelBudget:
+    """At most ``limit`` pixels decoded and being resized at once, across worker threads (an
+    image larger than the limit runs alone). Bounds memory whatever a batch holds."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels):
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
 
 
 class VectorizedImageProcessor:
@@ -119,9 +169,16 @@ class VectorizedImageProcessor:
         out = process(self.processor, [image], do_rescale=False, do_normalize=False)
         return np.asarray(out[0])
 
-    def __call__(self, images):
-        """``images``: callables returning uint8 H x W x 3 (decoded lazily, one at a time)."""
-        resized = list(self.pool.map(lambda load: self._geometry(load()), images))
+    def __call__(self, images, budget=None):
+        """``images``: :class:`Pending` images, decoded and resized in worker threads as the
+        ``budget`` allows."""
+        budget = budget or PixelBudget(float("inf"))
+
+        def resize(item):
+            with budget.hold(item.pixels):
+                return self._geometry(item.load())
+
+        resized = list(self.pool.map(resize, images))
         pixels = np.stack(resized).astype(np.float32)
         pixels *= self.gain
         pixels += self.bias
@@ -136,7 +193,7 @@ def _self_check(fast, processor):
         for h, w in [(37, 53), (480, 640), (224, 224), (301, 199), (1, 1)]
     ]
     want = process(processor, images)
-    got = fast([lambda image=image: image for image in images])
+    got = fast([Pending(image.size // 3, lambda image=image: image) for image in images])
     if got.shape != want.shape:
         return None
     return float(np.max(np.abs(got - want)))
@@ -168,6 +225,9 @@ class TritonPythonModel:
         self.max_side = int(params.get("max_side_px") or MAX_SIDE_PX)
         self.max_request_pixels = int(
             float(params.get("max_request_megapixels") or MAX_REQUEST_MEGAPIXELS) * 1e6
+        )
+        self.budget = PixelBudget(
+            int(float(params.get("max_decode_megapixels") or MAX_DECODE_MEGAPIXELS) * 1e6)
         )
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
@@ -238,7 +298,8 @@ class TritonPythonModel:
             )
 
     def _images(self, request):
-        """The request's images as loaders (callables returning uint8 H x W x 3)."""
+        """The request's images as :class:`Pending` ones: a PIL image once decoded (bytes), or
+        a uint8 H x W x 3 array."""
         given = [
             (name, tensor)
             for name in self.inputs
@@ -251,12 +312,13 @@ class TritonPythonModel:
             )
         name, tensor = given[0]
         if name == IMAGE_BYTES:
-            opened = [
-                _open(name, i, bytes(item), self.max_side)
-                for i, item in enumerate(tensor.as_numpy().reshape(-1))
+            blobs = [bytes(item) for item in tensor.as_numpy().reshape(-1)]
+            sizes = [image_size(name, i, data, self.max_side) for i, data in enumerate(blobs)]
+            self._check_budget(name, sum(h * w for h, w in sizes))
+            return [
+                Pending(h * w, lambda i=i, data=data: decode(name, i, data))
+                for i, (data, (h, w)) in enumerate(zip(blobs, sizes, strict=True))
             ]
-            self._check_budget(name, sum(img.width * img.height for img in opened))
-            return [lambda i=i, img=img: decode(name, i, img) for i, img in enumerate(opened)]
         images = tensor.as_numpy()
         _check_size(name, images.shape[1], images.shape[2], self.max_side)
         self._check_budget(name, images.shape[0] * images.shape[1] * images.shape[2])
@@ -271,8 +333,10 @@ class TritonPythonModel:
                 )
             # 8-bit pixels, as every image processor expects them (a [0, 1] float image would
             # otherwise be rescaled by one path and not by the other).
-            return [lambda im=im: np.rint(im).astype(np.uint8) for im in images]
-        return [lambda im=im: im for im in images]
+            return [
+                Pending(im.size // 3, lambda im=im: np.rint(im).astype(np.uint8)) for im in images
+            ]
+        return [Pending(im.size // 3, lambda im=im: im) for im in images]
 
     def _check_budget(self, name, pixels):
         if pixels > self.max_request_pixels:
@@ -281,18 +345,14 @@ class TritonPythonModel:
                 f"budget of {self.max_request_pixels / 1e6:g}; split the request"
             )
 
-    def _preprocess(self, loaders):
+    def _preprocess(self, images):
         if self.fast is not None:
-            return self.fast(loaders)
-        # Reference path: a few images at a time, so a batch never holds every decoded image.
-        chunks = []
-        for start in range(0, len(loaders), 4):
-            images = [load() for load in loaders[start : start + 4]]
-            chunks.append(process(self.processor, images))
-        return np.concatenate(chunks)
+            return self.fast(images, self.budget)
+        # Reference path: the processor itself, one image at a time.
+        return np.concatenate([process(self.processor, [item.load()]) for item in images])
 
-    def _run(self, loaders):
-        pixel_values = self._preprocess(loaders)
+    def _run(self, images):
+        pixel_values = self._preprocess(images)
         if self.model is None:
             return {PIXEL_VALUES: pixel_values}
         import torch

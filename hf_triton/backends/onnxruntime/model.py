@@ -11,7 +11,8 @@ Python-based backend of that name, so a model directory holding only
   ``max_batch_size`` becomes ``--backend-config=default-max-batch-size``, 4 when
   unset, and the dynamic batcher is enabled);
 * ``execute`` gathers every request of a batch into one session run and splits
-  the results back.
+  the results back; when that run fails, each request runs on its own, so one request's
+  bad input (a token id outside the vocabulary) fails that request alone, with a 400.
 
 Session options are read from the model config's ``parameters`` under the names
 NVIDIA's backend uses (``intra_op_thread_count``, ``inter_op_thread_count``,
@@ -180,34 +181,51 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        feeds = {name: [] for name, _ in self.inputs}
-        counts = []
+        feeds = []
         for request in requests:
-            n = None
-            for name, dtype in self.inputs:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                array = tensor.as_numpy().astype(dtype, copy=False)
-                feeds[name].append(array)
-                n = array.shape[0] if self.batching else 1
-            counts.append(n)
-
-        if self.batching:
-            feed = {name: np.concatenate(arrays) for name, arrays in feeds.items()}
-            results = self.session.run(self.outputs, feed)
-            splits = np.cumsum(counts)[:-1]
-            per_request = [np.split(r, splits) for r in results]
-        else:
-            per_request = [[] for _ in self.outputs]
-            for i in range(len(requests)):
-                one = self.session.run(self.outputs, {k: v[i] for k, v in feeds.items()})
-                for j, r in enumerate(one):
-                    per_request[j].append(r)
-
+            feeds.append(
+                {
+                    name: pb_utils.get_input_tensor_by_name(request, name)
+                    .as_numpy()
+                    .astype(dtype, copy=False)
+                    for name, dtype in self.inputs
+                }
+            )
+        if not self.batching:
+            return [self._respond(lambda f=feed: self._run(f)) for feed in feeds]
+        try:
+            batch = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.inputs}
+            results = self._run(batch)
+        except Exception:  # one request's input failed them all: run each on its own
+            if len(feeds) == 1:
+                return [self._respond(lambda: self._run(feeds[0]))]
+            return [self._respond(lambda f=feed: self._run(f)) for feed in feeds]
+        splits = np.cumsum([len(next(iter(f.values()))) for f in feeds])[:-1]
+        per_output = [np.split(r, splits) for r in results]
         return [
             pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor(name, per_request[j][i]) for j, name in enumerate(self.outputs)
+                    pb_utils.Tensor(name, per_output[j][i]) for j, name in enumerate(self.outputs)
                 ]
             )
-            for i in range(len(requests))
+            for i in range(len(feeds))
         ]
+
+    def _run(self, feed):
+        return self.session.run(self.outputs, feed)
+
+    def _respond(self, run):
+        """One request's response: its outputs, or its error (ONNX Runtime's invalid-argument
+        errors, e.g. a token id outside the vocabulary, are the client's: 400)."""
+        try:
+            results = run()
+        except Exception as e:  # reported to this request's client with ONNX Runtime's message
+            code = pb_utils.TritonError.INTERNAL
+            if type(e).__name__ in ("InvalidArgument", "InvalidGraph"):
+                code = pb_utils.TritonError.INVALID_ARG
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code))
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(name, results[j]) for j, name in enumerate(self.outputs)
+            ]
+        )
