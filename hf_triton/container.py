@@ -57,21 +57,17 @@ class ContainerPlan:
     image: str = IMAGE
 
     def build_argv(self) -> list[str]:
-        return [
-            self.engine,
-            "build",
-            "-t",
-            self.image,
-            "-f",
-            str(DOCKERFILE),
-            str(DOCKERFILE.parent),
-        ]
+        # The project root is the context (.dockerignore lets through the probe only).
+        return [self.engine, "build", "-t", self.image, "-f", str(DOCKERFILE), str(PROJECT_ROOT)]
 
     def run_argv(self, redact: bool = False) -> list[str]:
         """The run command; ``redact`` hides the admin key (for printing)."""
         c = self.config
         publish_host = "" if c.host in ("0.0.0.0", "") else f"{c.host}:"
         argv = [self.engine, "run", "--rm", "--init", f"--shm-size={SHM_SIZE}"]
+        # The same hardening as deploy/kubernetes: nothing writable but /tmp, no privileges.
+        argv += ["--read-only", "--tmpfs=/tmp", "--cap-drop=ALL"]
+        argv += ["--security-opt=no-new-privileges"]
         if self.gpus:
             argv.append("--gpus=all" if self.engine == "docker" else "--device=nvidia.com/gpu=all")
         for port in (c.http_port, c.grpc_port, c.metrics_port):

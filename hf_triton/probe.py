@@ -7,6 +7,7 @@ healthy``. Only an inference tells. This file is the launcher's probe (``hf_trit
 and, copied into the container image, the Kubernetes and KServe liveness probe:
 
     python3 probe.py [--url http://127.0.0.1:8000] [--timeout-s 10] MODEL [MODEL ...]
+    python3 probe.py --all [--admin-key-env ADMIN_KEY]   # every READY model of the server
 
 Exit 1 when a model is dead: Triton names its stub unhealthy, which only a restart cures.
 Anything else exits 0 with a warning: a refused probe input (4xx) means the model's code ran,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -103,14 +105,40 @@ def probe(url: str, model: str, timeout_s: float = 10.0) -> None:
         raise ProbeFailed(f"probe of '{model}' failed: {e}", fatal=False) from e
 
 
+def ready_models(url: str, admin_key: str | None, timeout_s: float = 10.0) -> list[str]:
+    """Every READY model (the repository index is a restricted API: the admin key opens it)."""
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/v2/repository/index",
+        data=b"{}",
+        headers={"admin-key": admin_key} if admin_key else {},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as r:
+        return [m["name"] for m in json.load(r) if m.get("state") == "READY"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+")
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--all", action="store_true", help="probe every READY model")
+    parser.add_argument(
+        "--admin-key-env",
+        default="ADMIN_KEY",
+        help="with --all: environment variable holding the admin key (default: %(default)s)",
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--timeout-s", type=float, default=10.0)
     args = parser.parse_args(argv)
+    models = list(args.models)
+    if args.all:
+        try:
+            models += ready_models(args.url, os.environ.get(args.admin_key_env), args.timeout_s)
+        except (OSError, ValueError) as e:
+            print(f"warning: cannot list the models at {args.url}: {e}", file=sys.stderr)
+    if not models:
+        parser.error("name the models to probe, or pass --all")
     dead = 0
-    for model in args.models:
+    for model in models:
         try:
             probe(args.url, model, args.timeout_s)
         except ProbeFailed as e:

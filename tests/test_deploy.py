@@ -16,7 +16,7 @@ import yaml
 
 from hf_triton import container
 from hf_triton.serve import PROJECT_ROOT
-from hf_triton.server import RESTRICTED_APIS, ServerConfig
+from hf_triton.server import ServerConfig
 
 from helpers import run_cli
 
@@ -120,19 +120,90 @@ def test_kubernetes_consistent_with_launcher():
     service = {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]}
     assert service == ports
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    args = triton["args"]
-    launcher = ServerConfig([], admin_key="$(ADMIN_KEY)").argv(Path("tritonserver"), Path("b"))
-    for flag in (
-        "--model-control-mode=none",
-        "--strict-readiness=true",
-        f"--backend-config=default-max-batch-size={defaults.default_max_batch_size}",
-        f"--http-restricted-api={','.join(RESTRICTED_APIS)}:admin-key=$(ADMIN_KEY)",
-    ):
-        assert flag in args and flag in launcher, flag
+    # Liveness is a real inference (a dead stub leaves /v2/health/live green).
+    probe = triton["livenessProbe"]["exec"]["command"]
+    assert probe[:2] == ["python3", "/opt/hf_triton/probe.py"] and "ensemble_model" in probe
     assert pod["securityContext"]["runAsNonRoot"] is True
     mounts = {m["mountPath"]: m for m in triton["volumeMounts"]}
-    assert mounts["/models"]["readOnly"] is True and "/dev/shm" in mounts
+    assert mounts["/models"]["readOnly"] is True and {"/dev/shm", "/tmp"} <= set(mounts)
+
+
+def _portable_flags() -> set[str]:
+    """The launcher's tritonserver flags that every deployment must carry too (addresses,
+    ports, paths and the per-launch shared-memory prefix are each deployment's own)."""
+    argv = ServerConfig([], admin_key="$(ADMIN_KEY)").argv(Path("tritonserver"), Path("b"))
+    own = ("--model-repository=", "--backend-directory=", "--http-", "--grpc-address")
+    own += ("--grpc-port", "--metrics-", "--backend-config=python,shm-region-prefix-name=")
+    return {a for a in argv[1:] if not a.startswith(own) or "restricted" in a}
+
+
+def _manifest_containers() -> dict[str, dict]:
+    k8s = _by_kind(DEPLOY / "kubernetes" / "triton.yaml")["Deployment"]
+    kserve = _by_kind(DEPLOY / "kserve" / "inferenceservice.yaml")["ServingRuntime"]
+    return {
+        "kubernetes": k8s["spec"]["template"]["spec"]["containers"][0],
+        "kserve": kserve["spec"]["containers"][0],
+    }
+
+
+@pytest.mark.parametrize("where", ["kubernetes", "kserve"])
+def test_deployments_carry_the_launchers_flags(where):
+    container_spec = _manifest_containers()[where]
+    args = container_spec["args"]
+    missing = _portable_flags() - set(args)
+    assert not missing, f"{where} lacks the launcher's {sorted(missing)}"
+    assert "--backend-config=python,shm-region-prefix-name=hf_triton_" in args
+    assert {e["name"] for e in container_spec["env"]} >= {"ADMIN_KEY", "HF_HUB_OFFLINE"}
+    assert "/opt/hf_triton/probe.py" in container_spec["livenessProbe"]["exec"]["command"]
+
+
+@pytest.mark.parametrize("where", ["kubernetes", "kserve"])
+def test_deployments_are_hardened(where):
+    context = _manifest_containers()[where]["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    if where == "kubernetes":
+        pod = _by_kind(DEPLOY / "kubernetes" / "triton.yaml")["Deployment"]["spec"]["template"]
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        pre_stop = _manifest_containers()[where]["lifecycle"]["preStop"]["exec"]["command"]
+        drain = ServerConfig([]).exit_timeout_s + int(pre_stop[-1])
+        assert spec["terminationGracePeriodSeconds"] > drain
+    else:
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_image_and_readme_agree_on_hub_access():
+    """The image leaves hub access to the deployment (the README's `docker run` of the source
+    repositories downloads the hub id); the launcher and the manifests turn it off."""
+    text = container.DOCKERFILE.read_text()
+    assert "HF_HUB_OFFLINE" not in text.split("USER triton-server")[1]
+    assert "COPY hf_triton/probe.py /opt/hf_triton/probe.py" in text
+    ignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
+    assert ignore[-2:] == ["*", "!hf_triton/probe.py"]
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "-p 127.0.0.1:8000:8000" in readme and "--http-restricted-api=" in readme
+
+
+def test_dry_run_does_not_print_the_admin_key(tmp_path, tiny_checkpoint):
+    run = run_cli(
+        "serve",
+        "--container",
+        "docker",
+        "--dry-run",
+        "--admin-key",
+        "do-not-print-me",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--workdir",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "do-not-print-me" not in run.stdout + run.stderr
+    assert "admin-key=$HF_TRITON_ADMIN_KEY" in run.stdout
+    assert "--read-only" in run.stdout and "--cap-drop=ALL" in run.stdout
 
 
 def test_kserve_resources_are_well_formed():

@@ -238,6 +238,10 @@ def test_every_kind_of_stub_killed_recovers(server, text_server, photo):
             stubs = _stub_pids(root, model)
             assert stubs, f"no stub for {model}"
             os.kill(stubs[0], signal.SIGKILL)
+    # Kubernetes' liveness check sees what /v2/health/* does not.
+    from hf_triton import probe
+
+    assert probe.main(["--url", f"http://{server.url}", "python_vit", "ensemble_model"]) == 1
     # The default probe interval is 30 s; a restart takes ~20 s.
     for launched in (server.launched, text_server.launched):
         _wait_for(launched, "recovered in", timeout_s=150)

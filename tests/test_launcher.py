@@ -12,6 +12,7 @@ from hf_triton.server import (
     ServerError,
     TritonDistribution,
     TritonServer,
+    free_port,
     model_load_failures,
 )
 
@@ -64,6 +65,20 @@ def test_model_load_failures_are_parsed():
     assert model_load_failures(log) == {
         "vit": "Internal: vit/1/model.onnx does not exist - run ./export.sh to create it"
     }
+    # Lines Triton 2.51 writes for an ensemble that does not fit and an unparsable config.
+    log = (
+        'E1127 13:27:19.958488 8061 model_repository_manager.cc:703] "Invalid argument: in '
+        'ensemble ens, input B in model two_in is not mapped to any ensemble tensors"\n'
+        "[libprotobuf ERROR text_format.cc:337] Error parsing text-format "
+        'inference.ModelConfig: 5:1: Expected ",", found "output".\n'
+        'E1127 13:27:23.027412 8198 model_repository_manager.cc:1460] "Poll failed for model '
+        "directory 'broken': failed to read text proto from /r/broken/config.pbtxt\"\n"
+    )
+    assert model_load_failures(log) == {
+        "ens": "input B in model two_in is not mapped to any ensemble tensors",
+        "broken": "failed to read text proto from /r/broken/config.pbtxt: "
+        '5:1: Expected ",", found "output".',
+    }
 
 
 def test_offline_standin_is_announced(tmp_path, monkeypatch):
@@ -97,8 +112,6 @@ def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):
         "class TritonPythonModel:\n    def initialize(self, args):\n"
         "        raise RuntimeError('weights not found at /nowhere')\n"
     )
-    from hf_triton.server import free_port
-
     run = run_cli(
         "serve",
         "--checkpoint",
@@ -117,3 +130,97 @@ def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):
     )
     assert run.returncode == 1
     assert "broken" in run.stderr and "weights not found at /nowhere" in run.stderr
+
+
+def _serve_args(tmp_path, *extra: str) -> list[str]:
+    return [
+        "serve",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        *extra,
+    ]
+
+
+def test_ipv6_host_is_refused_plainly(tmp_path, tiny_checkpoint):
+    run = run_cli(*_serve_args(tmp_path, "--host", "::1", "--checkpoint", str(tiny_checkpoint)))
+    assert run.returncode == 1
+    assert "--host ::1: Triton 2.51 serves HTTP and metrics on IPv4 only" in run.stderr
+
+
+def test_no_standin_is_honoured_for_each_configs_checkpoint(tmp_path):
+    """A repository naming a hub id, offline, with --no-standin: a plain error, no stand-in."""
+    import os
+
+    from hf_triton.serve import DEFAULT_REPOSITORIES
+
+    run = run_cli(
+        *_serve_args(tmp_path, "--no-standin", "--model-repository", str(DEFAULT_REPOSITORIES[0])),
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_TRITON_CACHE": str(tmp_path / "cache")},
+    )
+    assert run.returncode == 1
+    assert "Cannot obtain checkpoint 'google/vit-base-patch16-224-in21k'" in run.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def _python_model(repo, name: str, inputs: list[str]) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    tensors = ", ".join(f'{{ name: "{i}" data_type: TYPE_FP32 dims: [ -1 ] }}' for i in inputs)
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 4\ninput [ {tensors} ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+    )
+    (repo / name / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n"
+    )
+
+
+@pytest.mark.parametrize("fault", ["unmapped-ensemble-input", "unparsable-config"])
+def test_repository_errors_are_named_with_the_reason(tmp_path, fault):
+    """Triton refuses the repository: the launcher names the model and Triton's reason."""
+    repo = tmp_path / "repo"
+    if fault == "unmapped-ensemble-input":
+        _python_model(repo, "two_in", ["a", "b"])
+        (repo / "ens" / "1").mkdir(parents=True)
+        (repo / "ens" / "config.pbtxt").write_text(
+            'name: "ens"\nplatform: "ensemble"\nmax_batch_size: 4\n'
+            'input [ { name: "a" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+            'output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+            'ensemble_scheduling { step [ { model_name: "two_in" model_version: -1\n'
+            'input_map { key: "a" value: "a" } output_map { key: "y" value: "y" } } ] }\n'
+        )
+        model, reason = "ens", "input b in model two_in is not mapped to any ensemble tensors"
+    else:
+        _python_model(repo, "broken", ["a"])
+        text = (repo / "broken" / "config.pbtxt").read_text()
+        (repo / "broken" / "config.pbtxt").write_text(text.replace("output [", "output ( [", 1))
+    run = run_cli(*_serve_args(tmp_path, "--model-repository", str(repo)), timeout=180)
+    assert run.returncode == 1, run.stdout + run.stderr
+    if fault == "unparsable-config":  # caught while staging, before Triton starts
+        assert "broken/config.pbtxt: not a valid Triton model config: 5:8" in run.stderr
+        return
+    assert "Models that failed to load:" in run.stderr
+    assert f"  {model}: " in run.stderr and reason in run.stderr, run.stderr
+
+
+def test_serving_never_writes_into_the_source_repositories(tmp_path, tiny_checkpoint):
+    """A missing model.onnx is exported into the staged copy (through a cache), not the source."""
+    import shutil
+
+    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment
+
+    sources = [tmp_path / r.name for r in DEFAULT_REPOSITORIES]
+    for src, dst in zip(DEFAULT_REPOSITORIES, sources, strict=True):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    deployment = Deployment.prepare(
+        str(tiny_checkpoint), repositories=sources, workdir=tmp_path / "work"
+    )
+    assert (deployment.repositories[1] / "vit" / "1" / "model.onnx").exists()
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "work" not in p.parts)
+    assert after == before

@@ -115,3 +115,13 @@ def test_inspect_served_model_and_onnx_file(server):
     local = run_cli("inspect", str(onnx), timeout=60)
     assert local.returncode == 0, local.stderr
     assert "pixel_values" in local.stdout and "batch_size" in local.stdout
+
+
+def test_liveness_probe_passes_on_a_healthy_server(server, monkeypatch):
+    """The stdlib probe the container image runs as Kubernetes' liveness check."""
+    from hf_triton import probe
+
+    monkeypatch.setenv("HF_TRITON_TEST_KEY", ADMIN_HEADERS["admin-key"])
+    url = f"http://{server.url}"
+    assert probe.main(["--url", url, "python_vit", "ensemble_model", "vit"]) == 0
+    assert probe.main(["--url", url, "--all", "--admin-key-env", "HF_TRITON_TEST_KEY"]) == 0
