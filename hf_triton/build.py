@@ -41,7 +41,7 @@ class BuildOptions:
     name: str = "vit"
     max_batch_size: int = 8
     max_queue_delay_us: int = 2000
-    #: Requests that may wait per model (default: one batch's worth); 0 = unbounded.
+    #: Requests that may wait per model (default: two batches' worth); 0 = unbounded.
     max_queue_size: int | None = None
     queue_timeout_ms: int = 10_000
     preprocessing_name: str = "preprocessing"
@@ -50,7 +50,7 @@ class BuildOptions:
     precision: str = "fp32"  # fp32 | bf16 | int8 | fp16 (see hf_triton.precision)
 
     def queue_size(self) -> int:
-        return self.max_batch_size if self.max_queue_size is None else self.max_queue_size
+        return 2 * self.max_batch_size if self.max_queue_size is None else self.max_queue_size
 
 
 @dataclass

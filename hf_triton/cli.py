@@ -265,7 +265,7 @@ def _conformance(args: argparse.Namespace) -> int:
 
     report = conformance.run(args.out, args.families or None, progress=_say)
     paths = report.save(args.out)
-    print(report.markdown())
+    print(report.summary_markdown())
     print(
         f"\n{len(report.rows)} rows in {report.seconds:.0f} s; wrote {paths['md']}, {paths['json']}"
     )
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="requests that may wait per model before more are refused with 503 "
-        "(default: --max-batch-size, one batch waiting; 0: unbounded)",
+        "(default: 2 x --max-batch-size; 0: unbounded)",
     )
     bu.add_argument(
         "--queue-timeout-ms",

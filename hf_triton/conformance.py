@@ -54,6 +54,21 @@ SENTENCES = (
 )
 
 
+def _cell(row: Row) -> str:
+    mark = "✓" if row.passed else "FAIL"
+    if row.measure == "min cosine":
+        return f"{mark} cos {row.value:.6f}"
+    return f"{mark} {row.value:.1e}"
+
+
+#: The reference each family's plain cases use (the pooling variants name theirs).
+_DEFAULT_REFERENCES = (
+    "AutoImageProcessor + AutoModel",
+    "pipeline(",
+    "SentenceTransformer (mean, Normalize)",
+)
+
+
 class ConformanceError(HfTritonError):
     """The matrix could not be run (not: a case failed, which is a row)."""
 
@@ -101,10 +116,47 @@ class Report:
             )
         return "\n".join(lines)
 
+    def summary_markdown(self) -> str:
+        """One line per family: every task's verdict for both approaches (the README's table)."""
+        tasks = ("feature-extraction", "classification")
+        lines = [
+            "| family | as on the hub | preprocessing | features: python / ensemble | "
+            "classification: python / ensemble |",
+            "|---|---|---|---|---|",
+        ]
+        seen: dict[str, dict[str, dict[str, Row]]] = {}
+        for r in self.rows:
+            plain = r.reference.startswith(_DEFAULT_REFERENCES) or r.family.startswith("all-")
+            name = r.family if plain else f"{r.family}: {r.reference}"
+            cell = seen.setdefault(name, {}).setdefault(r.task.split("-", 1)[1], {})
+            cell[r.approach] = r
+
+        def verdict(rows: dict[str, Row]) -> str:
+            if not rows:
+                return "–"
+            if "both" in rows:
+                return f"{rows['both'].verdict}: {rows['both'].note}"
+            return " / ".join(_cell(rows[a]) for a in APPROACHES if a in rows)
+
+        for name, by_task in seen.items():
+            family = families.FAMILIES.get(name.split(":")[0])
+            hub = family.reference if family else MINILM
+            prep = family.preprocessing if family else "WordPiece, lower case (its own files)"
+            lines.append(
+                f"| {name} | {hub} | {prep} | "
+                + " | ".join(verdict(by_task.get(t, {})) for t in tasks)
+                + " |"
+            )
+        return "\n".join(lines)
+
     def save(self, out: Path) -> dict[str, Path]:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"md": out / "conformance.md", "json": out / "conformance.json"}
-        paths["md"].write_text(self.markdown() + "\n")
+        paths["md"].write_text(
+            "# Conformance matrix\n\nWritten by `hf-triton conformance` "
+            f"({len(self.rows)} rows, {self.seconds:.0f} s).\n\n"
+            f"{self.summary_markdown()}\n\nEvery row:\n\n{self.markdown()}\n"
+        )
         paths["json"].write_text(
             json.dumps({"seconds": self.seconds, "rows": [asdict(r) for r in self.rows]}, indent=1)
         )

@@ -191,8 +191,8 @@ class OverloadReport:
     """Offered load ``factor`` x the measured capacity, open loop, for ``seconds``."""
 
     model: str
-    capacity_rps: float  # closed loop at concurrency = the model's max batch size
-    unloaded_p99_ms: float  # the same closed loop: what an accepted request costs at capacity
+    capacity_rps: float  # closed loop at concurrency = 2 x the model's max batch size
+    unloaded_p99_ms: float  # the same closed loop: busy all the time, nothing refused
     offered_rps: float
     seconds: float
     ok: int = 0
@@ -265,7 +265,9 @@ def overload(
         for i in range(len(samples)):
             expected[i] = await one(i)
 
-        # Capacity: `batch` callers back to back for a few seconds.
+        # Capacity: enough callers back to back to keep the model busy (a batch running, the
+        # next one forming), none refused: the latency of a full but not overloaded server.
+        callers = 2 * batch
         done, latencies = 0, []
         stop_at = time.monotonic() + min(10.0, seconds / 3)
 
@@ -277,10 +279,10 @@ def overload(
                 await one(i)
                 latencies.append((time.perf_counter() - start) * 1e3)
                 done += 1
-                i += batch
+                i += callers
 
         started = time.monotonic()
-        await asyncio.gather(*(caller(k) for k in range(batch)))
+        await asyncio.gather(*(caller(k) for k in range(callers)))
         capacity = done / (time.monotonic() - started)
         report = OverloadReport(
             model,

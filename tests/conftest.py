@@ -170,6 +170,13 @@ class RunningServer:
     process: subprocess.Popen[bytes]
     launched: Launched
 
+    @property
+    def served_onnx(self) -> Path:
+        """The vit model.onnx the server runs: exported into the launcher's staged copy."""
+        return (
+            self.workdir / "repositories" / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+        )
+
 
 @pytest.fixture(scope="session")
 def server(

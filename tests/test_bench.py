@@ -25,7 +25,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_benchmark_smoke(server, tmp_path):
-    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+    onnx = server.served_onnx
     run = run_bench(
         "--url",
         server.grpc_url,

@@ -111,7 +111,7 @@ def test_inspect_served_model_and_onnx_file(server):
     served = run_cli("inspect", "ensemble_model", "--url", server.url, timeout=60)
     assert served.returncode == 0, served.stderr
     assert "image_bytes" in served.stdout and "last_hidden_state" in served.stdout
-    onnx = server.repositories / "ensemble_model_repository" / "vit" / "1" / "model.onnx"
+    onnx = server.served_onnx
     local = run_cli("inspect", str(onnx), timeout=60)
     assert local.returncode == 0, local.stderr
     assert "pixel_values" in local.stdout and "batch_size" in local.stdout
