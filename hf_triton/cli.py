@@ -263,7 +263,7 @@ def _build(args: argparse.Namespace) -> int:
 def _conformance(args: argparse.Namespace) -> int:
     from hf_triton import conformance
 
-    report = conformance.run(args.out, args.families or None, progress=_say)
+    report = conformance.run(args.out, args.families or None, progress=_say, quick=args.quick)
     paths = report.save(args.out)
     print(report.summary_markdown())
     print(
@@ -493,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv(str),
         default=[],
         help="comma-separated subset (default: all; 'minilm' for the real all-MiniLM-L6-v2)",
+    )
+    co.add_argument(
+        "--quick",
+        action="store_true",
+        help="classification for one family per kind of head only (what the tests run)",
     )
     co.set_defaults(func=_conformance)
     ins = sub.add_parser("inspect", help="inputs/outputs of model.onnx or of a served model")

@@ -245,13 +245,37 @@ def _sentence_transformer(base: Path, out: Path, modes: Any, dense: int = 0, nor
     return out
 
 
-def cases(selected: list[str] | None = None) -> list[Case]:
-    """Every family x task, the pooling variants, and all-MiniLM-L6-v2."""
+#: ``--quick`` (what the test suite runs, to stay within CI's time): every family's feature
+#: extraction, the pooling variants, all-MiniLM-L6-v2, and classification for one family per
+#: kind of classification head — CLS token (ViT, BERT), two distilled heads averaged (DeiT),
+#: CLS + mean of patches (DINOv2), pooled CNN features (ConvNeXt, EfficientNet), a dense+tanh
+#: head on <s> (RoBERTa), a pooling head (ModernBERT). The full matrix is the default.
+QUICK_CLASSIFICATION = (
+    "vit",
+    "deit-distilled",
+    "dinov2",
+    "convnext",
+    "efficientnet",
+    "bert",
+    "roberta",
+    "modernbert",
+)
+
+
+def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
+    """Every family x task (``quick``: see :data:`QUICK_CLASSIFICATION`), the pooling
+    variants, and all-MiniLM-L6-v2; ``selected`` families only, when given."""
     out: list[Case] = []
     for family in families.FAMILIES.values():
         if selected and family.name not in selected:
             continue
         for task in family.tasks:
+            if (
+                quick
+                and task.endswith("classification")
+                and family.name not in QUICK_CLASSIFICATION
+            ):
+                continue
             short = family.name.replace("-", "")
             stem = f"{short}_{'fe' if task.endswith('feature-extraction') else 'cls'}"
 
@@ -528,6 +552,7 @@ def run(
     selected: list[str] | None = None,
     progress: Callable[[str], None] = log.info,
     ready_timeout_s: float = 900.0,
+    quick: bool = False,
 ) -> Report:
     """Build every case under ``out``, serve, compare, report.
 
@@ -537,7 +562,7 @@ def run(
     """
     started = time.monotonic()
     report = Report()
-    all_cases = cases(selected)
+    all_cases = cases(selected, quick)
     images = test_images()
     for modality in ("image", "text"):
         wave = [c for c in all_cases if c.task.startswith(modality)]

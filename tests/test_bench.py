@@ -34,7 +34,7 @@ def test_benchmark_smoke(server, tmp_path):
         "--checkpoint",
         str(server.checkpoint),
         "--concurrency",
-        "1,2",
+        "2",
         "--out",
         str(tmp_path),
     )
@@ -44,7 +44,7 @@ def test_benchmark_smoke(server, tmp_path):
     rows = {(r["name"], r["input_format"], r["concurrency"]) for r in data["results"]}
     for model in ("python_vit", "ensemble_model"):
         for fmt in ("fp32", "uint8", "jpeg"):
-            assert {(model, fmt, 1), (model, fmt, 2)} <= rows
+            assert (model, fmt, 2) in rows
     assert ("bare-onnxruntime", "pixel_values", 2) in rows
     assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
