@@ -197,7 +197,8 @@ class OverloadReport:
     seconds: float
     ok: int = 0
     wrong: int = 0
-    refused: int = 0  # UNAVAILABLE (503): queue full or queue timeout
+    refused: int = 0  # UNAVAILABLE (503) "Exceeds maximum queue size": refused on arrival
+    timed_out: int = 0  # UNAVAILABLE (503) "Request timeout expired": waited past the timeout
     other_errors: list[str] = field(default_factory=list)
     accepted_ms: list[float] = field(default_factory=list, repr=False)
     refused_ms: list[float] = field(default_factory=list, repr=False)
@@ -216,7 +217,8 @@ class OverloadReport:
             f"{self.ok} answered (p50 {self.p(self.accepted_ms, 50):.0f} ms, p99 "
             f"{self.p(self.accepted_ms, 99):.0f} ms = "
             f"{self.p(self.accepted_ms, 99) / self.unloaded_p99_ms:.1f}x), {self.refused} "
-            f"refused with 503 (p99 {self.p(self.refused_ms, 99):.1f} ms), {self.wrong} wrong, "
+            f"refused with 503 (p99 {self.p(self.refused_ms, 99):.1f} ms), {self.timed_out} "
+            f"timed out in the queue, {self.wrong} wrong, "
             f"{len(self.other_errors)} other errors; server RSS "
             f"{self.rss_before / 2**20:.0f} -> {self.rss_after / 2**20:.0f} MiB"
         )
@@ -253,6 +255,12 @@ def overload(
 
     async def main() -> OverloadReport:
         aio = aioclient.InferenceServerClient(url=url, conn_limit=4096)
+        try:
+            return await measure(aio)
+        finally:
+            await aio.close()
+
+    async def measure(aio: Any) -> OverloadReport:
         expected: dict[int, dict[str, np.ndarray]] = {}
 
         async def one(i: int) -> dict[str, np.ndarray]:
@@ -269,21 +277,32 @@ def overload(
         # next one forming), none refused: the latency of a full but not overloaded server.
         callers = 2 * batch
         done, latencies = 0, []
-        stop_at = time.monotonic() + min(10.0, seconds / 3)
+        # A first round per caller warms up; then at least two more per caller are counted.
+        warm, stop_at = 2 * callers, None
+        counted_from = 0.0
 
         async def caller(k: int) -> None:
-            nonlocal done
+            nonlocal done, stop_at, counted_from
             i = k
-            while time.monotonic() < stop_at:
+            while stop_at is None or time.monotonic() < stop_at:
                 start = time.perf_counter()
-                await one(i)
-                latencies.append((time.perf_counter() - start) * 1e3)
+                try:
+                    await one(i)
+                except InferenceServerException as e:
+                    if e.status() != "503":
+                        raise
+                    await asyncio.sleep(0.1)  # still draining earlier load: not counted
+                    continue
                 done += 1
+                if done == warm:
+                    counted_from = time.monotonic()
+                    stop_at = counted_from + max(min(seconds / 3, 60.0), 1.0)
+                elif done > warm:
+                    latencies.append((time.perf_counter() - start) * 1e3)
                 i += callers
 
-        started = time.monotonic()
         await asyncio.gather(*(caller(k) for k in range(callers)))
-        capacity = done / (time.monotonic() - started)
+        capacity = len(latencies) / (time.monotonic() - counted_from)
         report = OverloadReport(
             model,
             capacity,
@@ -300,7 +319,9 @@ def overload(
                 got = await one(i)
             except InferenceServerException as e:
                 ms = (time.perf_counter() - start) * 1e3
-                if e.status() == "503":
+                if e.status() == "503" and "timeout" in e.message().lower():
+                    report.timed_out += 1
+                elif e.status() == "503":
                     report.refused += 1
                     report.refused_ms.append(ms)
                 else:
@@ -326,7 +347,6 @@ def overload(
             tasks.append(asyncio.ensure_future(fire(i)))
             i += 1
         await asyncio.gather(*tasks)
-        await aio.close()
         if server_pid:
             report.rss_after = rss_bytes(server_pid)
         return report
