@@ -184,6 +184,22 @@ def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_ch
     assert shm_regions() - before == set()
 
 
+def test_sigterm_during_recovery_stops_promptly(tmp_path, tiny_checkpoint):
+    """Told to stop while it restarts a server whose stub died: it stops, within seconds."""
+    launched = _launch(tmp_path, tiny_checkpoint, "--probe-interval-s", "1")
+    try:
+        double(launched.url, np.array([[1.0]]))
+        os.kill(_stub_pids(launched.proc.pid, "faulty")[0], signal.SIGKILL)
+        _wait_for(launched, "unhealthy:", timeout_s=30)
+        signalled = time.monotonic()
+        launched.proc.send_signal(signal.SIGTERM)
+        code = launched.proc.wait(45)
+        took = time.monotonic() - signalled
+    finally:
+        launched.stop()
+    assert code == 0 and took < 20, (code, took, launched.output())
+
+
 def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
     before = shm_regions()
     launched = _launch(tmp_path, tiny_checkpoint)
