@@ -651,7 +651,9 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
         repositories = options.repositories or list(DEFAULT_REPOSITORIES)
         sources = list(repositories)
         for prec in [p for p in options.precisions if p != "fp32"]:
-            built = build_variant(ckpt, prec, options.workdir / "variants", progress)
+            built = build_variant(
+                ckpt, prec, options.workdir / "variants", progress, settings.models
+            )
             if built is None:
                 continue
             repos, models, variant_onnx = built
@@ -705,13 +707,21 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
     return BenchReport(results, preprocessing, machine)
 
 
-def build_variant(ckpt: Any, prec: str, root: Path, progress: Callable[[str], None]):
+def build_variant(
+    ckpt: Any,
+    prec: str,
+    root: Path,
+    progress: Callable[[str], None],
+    models: list[str] | None = None,
+):
     """Build the checkpoint's variant in ``prec`` (gated) under ``root``: its repositories,
     entry models and model.onnx (if any), or None when the gate refuses it."""
     from hf_triton import build, precision
     from hf_triton.spec import ModelSpec
 
     approach = "both" if prec in precision.ONNX_PRECISIONS else "python"
+    if approach == "both" and models and all(m.startswith("ensemble") for m in models):
+        approach = "ensemble"  # only ensembles are measured: no Python twin to load
     options = build.BuildOptions(
         name=f"vit_{prec}",
         preprocessing_name=f"preprocessing_{prec}",

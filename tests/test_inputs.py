@@ -89,5 +89,7 @@ def test_dynamic_batcher_forms_batches_under_load(server, model, batched):
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda _: send(server.url, model, image_uint8=image), range(48)))
     inf1, exe1 = _stats(server.url, batched)
-    assert inf1 - inf0 == 48
-    assert exe1 - exe0 < 48, f"{batched}: {exe1 - exe0} executions for 48 inferences"
+    assert inf1 - inf0 >= 48  # and the launcher's probe may have come by
+    assert exe1 - exe0 < inf1 - inf0 - 8, (
+        f"{batched}: {exe1 - exe0} executions, {inf1 - inf0} inferences"
+    )

@@ -154,8 +154,12 @@ def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
     """`bench --precisions`: the int8 variant is built, gated, served and measured bare."""
     import json
 
+    from hf_triton.serve import DEFAULT_REPOSITORIES
+
     run = run_cli(
         "bench",
+        "--model-repository",
+        str(DEFAULT_REPOSITORIES[1]),
         "--checkpoint",
         str(small_vit),
         "--precisions",
