@@ -61,6 +61,7 @@ class BuildResult:
     entry_models: list[str] = field(default_factory=list)  # what clients call
     validation: export.ValidationReport | None = None
     gates: list[precision.GateReport] = field(default_factory=list)
+    int8: precision.Int8Recipe | None = None  # how the int8 model.onnx was made
 
 
 # -- pbtxt rendering ------------------------------------------------------------------------
@@ -319,7 +320,9 @@ def build(
                 variant = target.with_name(f"model.{options.precision}.tmp.onnx")
                 try:
                     result.validation = export.export_onnx(spec, fp32)
-                    precision.quantize_onnx(fp32, variant)
+                    result.int8 = precision.quantize_onnx(
+                        fp32, variant, precision.calibration_feeds(spec)
+                    )
                     result.gates.append(precision.gate_onnx(spec, options.precision, fp32, variant))
                     variant.replace(target)
                 finally:

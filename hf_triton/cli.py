@@ -248,6 +248,8 @@ def _build(args: argparse.Namespace) -> int:
                 f"  validated {name}: max |onnx - torch| = {diff:.2e} "
                 f"(atol {result.validation.atol:g})"
             )
+    if result.int8 is not None:
+        print(f"  int8 model.onnx: {result.int8.describe()}")
     for report in result.gates:
         print(f"  accuracy gate: {report.summary()}")
     if args.serve:

@@ -6,8 +6,10 @@ Precisions:
 * ``bf16`` — PyTorch with the weights in bfloat16 (Python backend). Fast on CPUs with
   AVX512-BF16/AMX; emulated (slow) elsewhere, which the benchmark shows;
 * ``int8`` — dynamic quantisation of the Linear/MatMul weights: ONNX Runtime's
-  ``quantize_dynamic`` for the exported model, ``torch.ao.quantization.quantize_dynamic``
-  for the Python backend;
+  ``quantize_dynamic`` for the exported model, after a calibrated migration of activation
+  outliers into the weights (SmoothQuant) so that every MatMul can be int8;
+  ``torch.ao.quantization.quantize_dynamic`` for the Python backend, with the GELU-fed
+  projections kept fp32;
 * ``fp16`` — GPUs only (Python backend on a KIND_GPU instance).
 
 Every variant is compared with fp32 on a fixed evaluation set before it is accepted
@@ -81,27 +83,149 @@ def _gelu_fed_matmuls(graph: Any, hops: int = 4) -> list[str]:
     return found
 
 
-def quantize_onnx(src: Path, dst: Path) -> Path:
-    """int8 dynamic quantisation of ``src``: per-channel int8 weights, activations quantised
-    per batch, the GELU-fed projections left in fp32 (see ``hf_common.keep_fp32``)."""
+#: Migration strengths tried for the calibrated smoothing (SmoothQuant's alpha).
+SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class Int8Recipe:
+    """How an int8 model.onnx was made (recorded in its metadata, shown by the build)."""
+
+    kind: str  # "smoothed" (every MatMul int8) or "gelu-fp32" (no calibration data)
+    alpha: float | None = None
+    calibration_min_cosine: float | None = None
+    kept_fp32: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "smoothed":
+            return (
+                f"every MatMul int8, activation outliers migrated into the weights (alpha "
+                f"{self.alpha:g}, calibration min cosine {self.calibration_min_cosine:.4f})"
+            )
+        return f"{self.kept_fp32} GELU-fed projections kept fp32 (no calibration data)"
+
+
+def _weight_matmuls(graph: Any) -> list[Any]:
+    inits = {i.name for i in graph.initializer}
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def _activation_ranges(
+    model: Any, nodes: list[Any], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Per input channel, the largest |activation| entering each of ``nodes`` on ``feeds``."""
+    import copy
+
     import onnx
+    import onnxruntime as ort
+
+    probe = copy.deepcopy(model)
+    names = sorted({n.input[0] for n in nodes})
+    for name in names:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    ranges: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        values = dict(zip(outputs, session.run(None, feed), strict=True))
+        for name in names:
+            v = np.abs(values[name]).reshape(-1, values[name].shape[-1]).max(axis=0)
+            ranges[name] = np.maximum(ranges.get(name, v), v)
+    return ranges
+
+
+def _smoothed(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> Any:
+    """SmoothQuant's migration: for each weight MatMul x @ W, x / s and diag(s) @ W, with
+    s = max|x|^alpha / max|W|^(1 - alpha) per input channel. The same function; an activation
+    without outlier channels, which per-tensor int8 then represents well."""
+    import copy
+
+    from onnx import helper, numpy_helper
+
+    smoothed = copy.deepcopy(model)
+    graph = smoothed.graph
+    weights = {i.name: i for i in graph.initializer}
+    for node in _weight_matmuls(graph):
+        x_max = np.maximum(ranges[node.input[0]], 1e-5)
+        w = numpy_helper.to_array(weights[node.input[1]])
+        scale = (x_max**alpha / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - alpha)).astype(
+            np.float32
+        )
+        weights[node.input[1]].CopyFrom(
+            numpy_helper.from_array((w * scale[:, None]).astype(np.float32), node.input[1])
+        )
+        inverse = f"{node.name}/smooth_inverse_scale"
+        moved = f"{node.input[0]}/smoothed_for_{node.name}"
+        graph.initializer.append(numpy_helper.from_array(1.0 / scale, inverse))
+        index = list(graph.node).index(node)
+        graph.node.insert(
+            index, helper.make_node("Mul", [node.input[0], inverse], [moved], f"{node.name}/smooth")
+        )
+        node.input[0] = moved
+    return smoothed
+
+
+def _quantize(src: Path, dst: Path, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    keep = _gelu_fed_matmuls(onnx.load(str(src), load_external_data=False).graph)
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep
+        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude
     )
-    source_meta = {
-        p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props
-    }
+
+
+def quantize_onnx(
+    src: Path, dst: Path, calibration: list[dict[str, np.ndarray]] | None = None
+) -> Int8Recipe:
+    """int8 dynamic quantisation of ``src`` into ``dst``: per-channel int8 weights, activations
+    quantised per batch.
+
+    With ``calibration`` feeds (model inputs), activation outliers are first migrated into the
+    weights (calibrated smoothing, the strength that keeps the calibration outputs closest to
+    fp32), so every MatMul runs in int8. Without, the GELU-fed projections — the layers whose
+    inputs carry the outliers — stay fp32, which costs speed.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    source_meta = {p.key: p.value for p in model.metadata_props}
+    if calibration:
+        reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        want = [reference.run(None, feed)[0] for feed in calibration]
+        ranges = _activation_ranges(model, _weight_matmuls(model.graph), calibration)
+        tmp = dst.with_name(dst.name + ".smoothed.tmp.onnx")
+        best: tuple[float, float] | None = None
+        try:
+            for alpha in SMOOTHING_ALPHAS:
+                onnx.save(_smoothed(model, ranges, alpha), str(tmp))
+                _quantize(tmp, dst, [])
+                session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+                got = [session.run(None, feed)[0] for feed in calibration]
+                cosine = compare(
+                    "int8", np.concatenate(want), np.concatenate(got), False
+                ).min_cosine
+                log.info("int8 calibration: alpha %g -> min cosine %.4f", alpha, cosine)
+                if best is None or cosine > best[1]:
+                    best = (alpha, cosine)
+            assert best is not None
+            onnx.save(_smoothed(model, ranges, best[0]), str(tmp))
+            _quantize(tmp, dst, [])
+        finally:
+            tmp.unlink(missing_ok=True)
+        recipe = Int8Recipe("smoothed", best[0], best[1])
+    else:
+        keep = _gelu_fed_matmuls(model.graph)
+        _quantize(src, dst, keep)
+        recipe = Int8Recipe("gelu-fp32", kept_fp32=len(keep))
     proto = onnx.load(str(dst))
     meta = {p.key: p.value for p in proto.metadata_props}
     for key, value in source_meta.items():  # keep the export record (checkpoint, task)
         if key not in meta:
             proto.metadata_props.add(key=key, value=value)
     proto.metadata_props.add(key=PRECISION_KEY, value="int8")
+    proto.metadata_props.add(key="hf_triton.int8_recipe", value=recipe.describe())
     onnx.save(proto, str(dst))
-    return dst
+    return recipe
 
 
 @dataclass
@@ -172,6 +296,17 @@ def gate(
 def eval_examples(spec: ModelSpec) -> list[Any]:
     """The fixed evaluation set for the spec's modality."""
     return eval_images() if spec.modality == "image" else eval_sentences()
+
+
+def calibration_feeds(spec: ModelSpec, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Model inputs for calibrating int8, disjoint from the gate's evaluation set (other
+    sentences; other synthetic images)."""
+    examples: list[Any] = (
+        eval_images(count=8 + 16, seed=1)[8:]  # synthetic only: the photos are gated
+        if spec.modality == "image"
+        else eval_sentences(count=400)[300:]
+    )
+    return [spec.encode(examples[i : i + batch]) for i in range(0, len(examples), batch)]
 
 
 def gate_python(spec: ModelSpec, precision: str) -> GateReport:

@@ -80,13 +80,47 @@ def test_precisions_the_ensemble_cannot_run_are_refused(small_vit, tmp_path, pre
     assert not (tmp_path / "ensemble_model_repository").exists()  # refused before writing
 
 
+def test_calibrated_int8_quantises_every_matmul(tmp_path):
+    """With calibration data every weight MatMul runs in int8 (activation outliers migrated
+    into the weights); without, the GELU-fed projections stay fp32."""
+    from hf_triton.export import export_onnx
+    from hf_triton.families import FAMILIES
+
+    ckpt = FAMILIES["bert"].make(tmp_path / "bert", "text-classification")
+    spec = ModelSpec.resolve(ckpt)
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(spec, fp32)
+
+    def float_weight_matmuls(path) -> int:
+        graph = onnx.load(str(path)).graph
+        weights = {i.name for i in graph.initializer}
+        return sum(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node)
+
+    assert float_weight_matmuls(fp32) > 0
+    smoothed = precision.quantize_onnx(
+        fp32, tmp_path / "smoothed.onnx", precision.calibration_feeds(spec)
+    )
+    assert smoothed.kind == "smoothed" and smoothed.alpha in precision.SMOOTHING_ALPHAS
+    assert float_weight_matmuls(tmp_path / "smoothed.onnx") == 0
+    plain = precision.quantize_onnx(fp32, tmp_path / "plain.onnx")
+    assert plain.kind == "gelu-fp32" and float_weight_matmuls(tmp_path / "plain.onnx") == 2
+    report = precision.gate_onnx(spec, "int8", fp32, tmp_path / "smoothed.onnx")
+    assert report.passed, report.summary()
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "smoothed.onnx")).metadata_props}
+    assert (
+        meta["hf_triton.precision"] == "int8"
+        and "every MatMul int8" in meta["hf_triton.int8_recipe"]
+    )
+
+
 def test_broken_variant_fails_the_gate(small_vit, tmp_path):
     """A deliberately damaged int8 model must be refused: the gate can fail."""
     from hf_triton.export import export_onnx
 
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(small_vit, fp32)
-    broken = precision.quantize_onnx(fp32, tmp_path / "int8.onnx")
+    broken = tmp_path / "int8.onnx"
+    precision.quantize_onnx(fp32, broken)
     proto = onnx.load(str(broken))
     rng = np.random.default_rng(0)
     for init in proto.graph.initializer:
