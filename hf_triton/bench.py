@@ -1,15 +1,23 @@
-"""Throughput benchmark: bare ONNX Runtime and PyTorch next to both served approaches, one run.
+"""Throughput benchmark: every served model next to its bare runtime, in one run, any task.
 
-Measures, on the same machine and in one process:
+For each model a client calls (every entry model of the served repositories: the tutorial's
+``python_vit`` and ``ensemble_model``, or whatever ``hf-triton build`` made), measured on the
+same machine and in one process:
 
-* bare ONNX Runtime on the exported ``model.onnx`` and bare PyTorch eager (compute only,
-  pixel values prepared beforehand), at batch 1 and at the largest concurrency's batch;
-* ``python_vit`` and ``ensemble_model`` served by Triton, for each input format
-  (fp32, uint8, jpeg), at each concurrency, with async tritonclient (gRPC or HTTP);
-* the Hugging Face image processor against the vectorised path.
+* its bare runtime — ONNX Runtime on the ensemble's own ``model.onnx``, or PyTorch eager on the
+  Python model's checkpoint, in the model's precision — compute only, inputs prepared
+  beforehand, at batch 1 and at the largest concurrency's batch;
+* the model served by Triton for each input format (images: fp32, uint8, jpeg; text) at each
+  concurrency, with async tritonclient (gRPC or HTTP), after one served answer per format was
+  checked against the bare runtime's;
+* Triton's own per-step statistics at concurrency 1 (queue, input, compute, output for every
+  model the request passes through), so the serving tax is visible where it is paid;
+* the serving tax itself — served ÷ bare throughput at the best concurrency and the p50 added
+  at concurrency 1 — from rounds that alternate bare and served windows, with their spread.
 
-A measurement repeats fixed windows until the last three throughputs agree within
-10% (perf_analyzer's stability rule) or ``max_windows`` is reached, which is reported.
+A measurement repeats fixed windows until the last three throughputs agree within 10%
+(perf_analyzer's stability rule) or ``max_windows`` is reached, which is reported. Images are
+counted in images/s, texts in sentences/s (and tokens/s).
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -42,25 +52,33 @@ class BenchError(HfTritonError):
     """The benchmark was asked for something it cannot measure."""
 
 
+#: Image input formats -> (input tensor, Triton dtype); text models take "text".
 FORMATS = {
     "fp32": ("image", "FP32"),
     "uint8": ("image_uint8", "UINT8"),
     "jpeg": ("image_bytes", "BYTES"),
 }
+TEXT_FORMAT = ("text", "BYTES")
 MODELS = ("python_vit", "ensemble_model")
-#: What the tutorial's client asks for.
-REQUESTED_OUTPUT = "last_hidden_state"
+
+#: What "no serving tax" means, in one place: (measure, comparison, bound).
+TARGETS = {
+    "served ÷ bare throughput, best concurrency": (">=", 0.95),
+    "p50 added at concurrency 1 (ms)": ("<=", 5.0),
+}
+#: A served answer equals its bare runtime's when their cosine is at least this (fp32).
+MIN_COSINE = 0.9999
 
 
 @dataclass
 class BenchSettings:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
-    models: list[str] = field(default_factory=lambda: list(MODELS))
+    formats: list[str] = field(default_factory=lambda: [*FORMATS, "text"])
+    models: list[str] = field(default_factory=list)  # default: every entry model
     protocol: str = "grpc"
     window_s: float = 4.0
-    #: A window also waits for this many images (up to max_window_s): with a few
-    #: images/s, one request more or less in a short window is already a 10% swing.
+    #: A window also waits for this many items (up to max_window_s): with a few
+    #: items/s, one request more or less in a short window is already a 10% swing.
     min_requests: int = 20
     max_window_s: float = 30.0
     warmup_s: float = 2.0
@@ -70,27 +88,56 @@ class BenchSettings:
     image_size: tuple[int, int] = (640, 480)  # width, height: a VGA photo
     jpeg_quality: int = 90
     bare: bool = True
+    #: Alternating bare/served rounds for the serving tax (0: skip).
+    tax_rounds: int = 3
 
 
 @dataclass
 class Result:
-    name: str  # python_vit, ensemble_model, bare-onnxruntime, bare-pytorch
-    input_format: str  # fp32/uint8/jpeg; "pixel_values" for bare runs
+    name: str  # a served model, or bare-onnxruntime / bare-pytorch
+    input_format: str  # fp32/uint8/jpeg/text; "pixel_values"/"tokens" for bare runs
     concurrency: int  # outstanding requests; for bare runs, the batch size
-    throughput: float  # images/s
+    throughput: float  # items (images or sentences) per second
     p50_ms: float
     p95_ms: float
     p99_ms: float
     requests: int
     errors: int
-    bytes_per_image: int
+    bytes_per_image: int  # per item on the wire
     windows: list[float]
     stable: bool
     precision: str = "fp32"
+    unit: str = "img"  # img | sentence
+    tokens_per_item: float = 0.0  # text: mean tokens per sentence (tokens/s = throughput x it)
+    check: str = ""  # served: its answer against the bare runtime's
+    #: served at concurrency 1: model -> {queue, input, infer, output} ms per request
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def served(self) -> bool:
         return not self.name.startswith("bare")
+
+
+@dataclass
+class Tax:
+    """The serving tax of one model, from alternating bare/served rounds."""
+
+    model: str
+    bare: str  # the bare runtime it is compared with
+    input_format: str
+    concurrency: int  # the served concurrency of the throughput ratio
+    batch: int  # the bare batch of the throughput ratio
+    ratios: list[float]  # served ÷ bare throughput, per round
+    added_p50_ms: list[float]  # served p50 - bare p50 at concurrency/batch 1, per round
+
+    def summary(self) -> str:
+        ratio, added = statistics.median(self.ratios), statistics.median(self.added_p50_ms)
+        return (
+            f"  {self.model:<24} served ÷ {self.bare} {ratio:.2f} "
+            f"(rounds {min(self.ratios):.2f}-{max(self.ratios):.2f}; c={self.concurrency} vs "
+            f"batch {self.batch}), p50 added at c=1 {added:+.1f} ms "
+            f"(rounds {min(self.added_p50_ms):+.1f} to {max(self.added_p50_ms):+.1f})"
+        )
 
 
 def _stable(windows: list[float], tolerance: float) -> bool:
@@ -186,6 +233,13 @@ def sample_image(settings: BenchSettings) -> np.ndarray:
         return np.asarray(img.convert("RGB").resize(settings.image_size, Image.Resampling.BILINEAR))
 
 
+#: What text models are measured with: ordinary sentences of 10-20 tokens.
+def sample_texts() -> list[str]:
+    from hf_triton.precision import eval_sentences
+
+    return eval_sentences(16)
+
+
 def request_tensor(image: np.ndarray, fmt: str, quality: int = 90) -> np.ndarray:
     if fmt == "fp32":
         return image.astype(np.float32)[None]
@@ -202,17 +256,155 @@ def payload_bytes(tensor: np.ndarray) -> int:
     return int(tensor.nbytes)
 
 
-# -- bare compute -------------------------------------------------------------------------
+# -- what is served ---------------------------------------------------------------------------
 
 
-def _pixel_values(checkpoint: Path, image: np.ndarray, batch: int) -> np.ndarray:
-    from transformers import AutoImageProcessor
+@dataclass
+class Target:
+    """An entry model and the bare runtime it is measured against."""
 
-    processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
-    pixels = processor(images=[image], input_data_format="channels_last", return_tensors="np")[
-        "pixel_values"
-    ]
-    return np.repeat(pixels, batch, axis=0)
+    model: str
+    approach: str  # python | ensemble
+    modality: str  # image | text
+    precision: str
+    checkpoint: Path  # local, as the server loads it
+    steps: list[str]  # models a request passes through (Triton statistics)
+    onnx: Path | None = None  # the ensemble's model.onnx (bare ONNX Runtime)
+
+    @property
+    def bare(self) -> str:
+        return "bare-onnxruntime" if self.approach == "ensemble" else "bare-pytorch"
+
+    @property
+    def unit(self) -> str:
+        return "img" if self.modality == "image" else "sentence"
+
+    def formats(self, wanted: list[str]) -> list[str]:
+        own = list(FORMATS) if self.modality == "image" else ["text"]
+        return [f for f in own if f in wanted]
+
+
+def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None]) -> list[Target]:
+    """The targets of ``models`` from the server's own configs (any task, any precision).
+
+    ``onnx_of(name)`` finds the model.onnx of an ensemble's ONNX step.
+    """
+    import tritonclient.http as httpclient
+
+    from hf_triton.tasks import get_task
+
+    client = httpclient.InferenceServerClient(url=url)
+    try:
+        targets = []
+        for model in models:
+            config = client.get_model_config(model)
+            steps = [s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])]
+            python = client.get_model_config(steps[0]) if steps else config
+            params = {k: v["string_value"] for k, v in python.get("parameters", {}).items()}
+            if "checkpoint" not in params or "task" not in params:
+                raise BenchError(f"model '{model}' was not made by hf-triton build: no task")
+            onnx = onnx_of(steps[-1]) if steps else None
+            prec = params.get("precision", "fp32") if not steps else _onnx_precision(onnx)
+            targets.append(
+                Target(
+                    model,
+                    "ensemble" if steps else "python",
+                    get_task(params["task"]).modality,
+                    prec,
+                    Path(params["checkpoint"]),
+                    steps or [model],
+                    onnx,
+                )
+            )
+        return targets
+    finally:
+        client.close()
+
+
+def _onnx_precision(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return "fp32"
+    import onnx
+
+    from hf_triton.precision import PRECISION_KEY
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return meta.get(PRECISION_KEY, "fp32")
+
+
+def entry_models(url: str, admin_key: str | None) -> list[str]:
+    """Every model of a running server that is not a step of an ensemble (the repository
+    index is a restricted API: the admin key opens it; or name the models with --models)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=url)
+    headers = {"admin-key": admin_key} if admin_key else None
+    try:
+        try:
+            index = client.get_model_repository_index(headers=headers)
+        except InferenceServerException as e:
+            raise BenchError(
+                f"cannot list the models at {url} ({e.message()}): pass --models, or set "
+                "HF_TRITON_ADMIN_KEY"
+            ) from e
+        names = [m["name"] for m in index if m.get("state") == "READY"]
+        steps = {
+            s["model_name"]
+            for n in names
+            for s in client.get_model_config(n).get("ensemble_scheduling", {}).get("step", [])
+        }
+        return [n for n in names if n not in steps]
+    finally:
+        client.close()
+
+
+# -- bare runtimes ----------------------------------------------------------------------------
+
+
+class Bare:
+    """A target's bare runtime: compute only, on inputs prepared as the server prepares them."""
+
+    def __init__(self, target: Target):
+        from hf_triton.spec import ModelSpec
+
+        self.target = target
+        self.name = target.bare
+        self.spec = ModelSpec.resolve(target.checkpoint)
+        if target.approach == "ensemble":
+            import onnxruntime as ort
+
+            if target.onnx is None:
+                raise BenchError(
+                    f"no model.onnx for the bare run of '{target.model}': pass --onnx PATH "
+                    "(the served model.onnx), or --no-bare"
+                )
+            session = ort.InferenceSession(str(target.onnx), providers=["CPUExecutionProvider"])
+            self.output = first = session.get_outputs()[0].name
+            self.forward = lambda feed: session.run([first], feed)[0]
+        else:
+            import torch
+
+            from hf_triton.precision import apply_torch
+
+            module = self.spec.module
+            self.output = self.spec.outputs[0].name
+            if target.precision != "fp32":
+                module = apply_torch(copy.deepcopy(module), target.precision)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                target.precision, torch.float32
+            )
+
+            def forward(feed: dict[str, np.ndarray]) -> np.ndarray:
+                tensors = [torch.from_numpy(v) for v in feed.values()]
+                tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+                with torch.inference_mode():
+                    return module(*tensors)[0].float().numpy()
+
+            self.forward = forward
+
+    def feed(self, examples: list[Any]) -> dict[str, np.ndarray]:
+        return self.spec.encode(examples)
 
 
 async def _in_thread_loop(fn: Callable[[], Any], batch: int, settings: BenchSettings):
@@ -223,57 +415,18 @@ async def _in_thread_loop(fn: Callable[[], Any], batch: int, settings: BenchSett
     return await measure(call, 1, settings, images_per_call=batch)
 
 
-def bench_bare(
-    onnx_paths: dict[str, Path],
-    checkpoint: Path,
-    image: np.ndarray,
-    settings: BenchSettings,
-    progress,
-    torch_precisions: tuple[str, ...] = ("fp32",),
-) -> list[Result]:
-    """Compute only: ONNX Runtime per precision in ``onnx_paths``, PyTorch per precision."""
-    import onnxruntime as ort
-    import torch
-    from transformers import AutoModel
+def bench_bare(bare: Bare, examples: list[Any], batch: int, settings: BenchSettings) -> Result:
+    feed = bare.feed((examples * batch)[:batch])
+    windows, lat, errors, stable = asyncio.run(
+        _in_thread_loop(lambda: bare.forward(feed), batch, settings)
+    )
+    result = _result(bare.name, _bare_format(bare), batch, windows, lat, errors, 0, stable)
+    result.precision, result.unit = bare.target.precision, bare.target.unit
+    return result
 
-    from hf_triton.precision import apply_torch
 
-    results = []
-    batches = sorted({1, max(settings.concurrency)})
-    sessions = {
-        p: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for p, path in onnx_paths.items()
-    }
-    base = AutoModel.from_pretrained(checkpoint).eval()
-    models = {
-        p: apply_torch(base if p == "fp32" else copy.deepcopy(base), p) for p in torch_precisions
-    }
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    for batch in batches:
-        pixels = _pixel_values(checkpoint, image, batch)
-        runs: list[tuple[str, str, Callable[[], Any]]] = []
-        for prec, session in sessions.items():
-
-            def run_ort(s=session, p=pixels) -> None:
-                s.run(None, {"pixel_values": p})
-
-            runs.append(("bare-onnxruntime", prec, run_ort))
-        for prec, model in models.items():
-            tensor = torch.from_numpy(pixels).to(dtypes.get(prec, torch.float32))
-
-            def run_torch(m=model, t=tensor) -> None:
-                with torch.inference_mode():
-                    m(pixel_values=t)
-
-            runs.append(("bare-pytorch", prec, run_torch))
-        for name, prec, fn in runs:
-            progress(f"{name} {prec} batch {batch}")
-            windows, lat, errors, stable = asyncio.run(_in_thread_loop(fn, batch, settings))
-            result = _result(name, "pixel_values", batch, windows, lat, errors, 0, stable)
-            result.precision = prec
-            results.append(result)
-            progress(_line(results[-1]))
-    return results
+def _bare_format(bare: Bare) -> str:
+    return "pixel_values" if bare.target.modality == "image" else "tokens"
 
 
 # -- served -------------------------------------------------------------------------------
@@ -289,44 +442,94 @@ def _client(protocol: str, url: str):
     return httpclient, httpclient.InferenceServerClient(url=url, conn_limit=256)
 
 
+def _request(target: Target, fmt: str, example: Any, quality: int) -> tuple[str, str, np.ndarray]:
+    if target.modality == "text":
+        return (*TEXT_FORMAT, np.array([[example.encode()]], dtype=object))
+    return (*FORMATS[fmt], request_tensor(example, fmt, quality))
+
+
 async def _bench_served_one(
-    url: str, model: str, fmt: str, conc: int, image: np.ndarray, settings: BenchSettings
+    url: str, target: Target, fmt: str, conc: int, example: Any, settings: BenchSettings
 ) -> Result:
     module, client = _client(settings.protocol, url)
-    tensor_data = request_tensor(image, fmt, settings.jpeg_quality)
-    name, dtype = FORMATS[fmt]
+    name, dtype, data = _request(target, fmt, example, settings.jpeg_quality)
     try:
 
         async def call() -> None:
-            tensor = module.InferInput(name, list(tensor_data.shape), dtype)
-            tensor.set_data_from_numpy(tensor_data)
-            outputs = [module.InferRequestedOutput(REQUESTED_OUTPUT)]
-            await client.infer(model, [tensor], outputs=outputs)
+            tensor = module.InferInput(name, list(data.shape), dtype)
+            tensor.set_data_from_numpy(data)
+            await client.infer(target.model, [tensor])
 
         windows, lat, errors, stable = await measure(call, conc, settings)
     finally:
         await client.close()
-    return _result(model, fmt, conc, windows, lat, errors, payload_bytes(tensor_data), stable)
+    result = _result(target.model, fmt, conc, windows, lat, errors, payload_bytes(data), stable)
+    result.precision, result.unit = target.precision, target.unit
+    return result
 
 
-def bench_served(
-    url: str,
-    image: np.ndarray,
-    settings: BenchSettings,
-    progress,
-    precisions: dict[str, str] | None = None,
-) -> list[Result]:
-    """Every model x format x concurrency; ``precisions`` maps model name -> precision."""
-    results = []
-    for model in settings.models:
-        for fmt in settings.formats:
-            for conc in settings.concurrency:
-                progress(f"{model} {fmt} concurrency {conc}")
-                result = asyncio.run(_bench_served_one(url, model, fmt, conc, image, settings))
-                result.precision = (precisions or {}).get(model, "fp32")
-                results.append(result)
-                progress(_line(results[-1]))
-    return results
+def served_answer(
+    url: str, target: Target, fmt: str, example: Any, quality: int, output: str
+) -> np.ndarray:
+    """The served model's ``output`` for one example."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=url, network_timeout=300)
+    name, dtype, data = _request(target, fmt, example, quality)
+    try:
+        tensor = httpclient.InferInput(name, list(data.shape), dtype)
+        tensor.set_data_from_numpy(data)
+        result = client.infer(target.model, [tensor])
+        return result.as_numpy(output)
+    finally:
+        client.close()
+
+
+def check_answer(served: np.ndarray, bare: np.ndarray, precision: str) -> str:
+    """ "ok (cos ...)" when the served answer is the bare runtime's, else "MISMATCH (...)"."""
+    from hf_triton.precision import MIN_COSINE as GATE
+
+    a, b = served.reshape(-1).astype(np.float64), bare.reshape(-1).astype(np.float64)
+    if a.shape != b.shape:
+        return f"MISMATCH (shape {served.shape} vs {bare.shape})"
+    cosine = float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+    bound = MIN_COSINE if precision == "fp32" else GATE
+    return f"{'ok' if cosine >= bound else 'MISMATCH'} (cos {cosine:.6f} >= {bound})"
+
+
+def _statistics(http_url: str, models: list[str]) -> dict[str, dict[str, int]]:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=http_url)
+    try:
+        out = {}
+        for model in models:
+            stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+            out[model] = {k: int(stats[k]["ns"]) for k in _STEPS} | {
+                "count": int(stats["success"]["count"])
+            }
+        return out
+    finally:
+        client.close()
+
+
+_STEPS = {
+    "queue": "queue",
+    "compute_input": "input",
+    "compute_infer": "infer",
+    "compute_output": "output",
+}
+
+
+def breakdown(before: dict, after: dict, requests: int) -> dict[str, dict[str, float]]:
+    """ms per request spent in each step of each model, from Triton's statistics."""
+    return {
+        model: {
+            label: (after[model][key] - before[model][key]) / 1e6 / max(requests, 1)
+            for key, label in _STEPS.items()
+        }
+        for model in after
+    }
 
 
 # -- preprocessing ------------------------------------------------------------------------
@@ -392,7 +595,7 @@ def bench_preprocessing(
 def _line(r: Result) -> str:
     flag = "" if r.stable else "  (unstable: windows " + ", ".join(map(str, r.windows)) + ")"
     return (
-        f"  {r.throughput:7.2f} img/s  p50 {r.p50_ms:8.1f} ms  p99 {r.p99_ms:8.1f} ms  "
+        f"  {r.throughput:7.2f} {r.unit}/s  p50 {r.p50_ms:8.1f} ms  p99 {r.p99_ms:8.1f} ms  "
         f"errors {r.errors}{flag}"
     )
 
@@ -402,89 +605,78 @@ def best(results: list[Result], name: str, fmt: str | None = None) -> Result | N
     return max(pool, key=lambda r: r.throughput) if pool else None
 
 
-def report(results: list[Result], preprocessing: dict[str, float] | None) -> str:
-    """The table with ratios, and the targets, as text."""
-    fp32 = [r for r in results if r.precision == "fp32"]
-    ort_best = best(fp32, "bare-onnxruntime")
-    ort_b1 = next((r for r in fp32 if r.name == "bare-onnxruntime" and r.concurrency == 1), None)
+def report(
+    results: list[Result],
+    preprocessing: dict[str, float] | None,
+    taxes: list[Tax] | None = None,
+) -> str:
+    """The table, the per-step breakdown, the serving tax against the targets, as text."""
     lines = [
-        f"{'name':<22}{'prec':<6}{'input':<13}{'conc':>5}{'img/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-        f"{'p99 ms':>9}{'err':>5}{'KB/img':>9}{'÷ORT':>7}  stable"
+        f"{'name':<24}{'prec':<6}{'input':<13}{'conc':>5}{'items/s':>9}{'p50 ms':>9}"
+        f"{'p95 ms':>9}{'p99 ms':>9}{'err':>5}{'KB/item':>9}  stable  check"
     ]
     for r in results:
-        ratio = r.throughput / ort_best.throughput if ort_best else float("nan")
+        rate = f"{r.throughput:>9.2f}"
         lines.append(
-            f"{r.name:<22}{r.precision:<6}{r.input_format:<13}{r.concurrency:>5}{r.throughput:>9.2f}"
+            f"{r.name:<24}{r.precision:<6}{r.input_format:<13}{r.concurrency:>5}{rate}"
             f"{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}{r.p99_ms:>9.1f}{r.errors:>5}"
-            f"{r.bytes_per_image / 1e3:>9.1f}{ratio:>7.2f}  {'yes' if r.stable else 'NO'}"
+            f"{r.bytes_per_image / 1e3:>9.1f}  {'yes' if r.stable else 'NO ':<6}  {r.check}"
         )
+    text = [r for r in results if r.unit == "sentence" and r.tokens_per_item]
+    if text:
+        lines.append("")
+        lines.append("Text models, tokens/s (sentences/s x mean tokens per sentence):")
+        for r in text:
+            lines.append(
+                f"  {r.name:<24} {r.input_format:<8} c={r.concurrency:<3} "
+                f"{r.throughput * r.tokens_per_item:9.0f} tokens/s"
+            )
+    split = [r for r in results if r.breakdown]
+    if split:
+        lines.append("")
+        lines.append(
+            "Where a request's time goes at concurrency 1 (Triton's statistics, ms per request):"
+        )
+        for r in split:
+            for model, steps in r.breakdown.items():
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+                lines.append(f"  {r.name:<24} {r.input_format:<6} {model:<22} {parts}")
     variants = sorted({(r.name, r.precision) for r in results if r.precision != "fp32"})
-    if variants:
+    fp32_ort = best([r for r in results if r.precision == "fp32"], "bare-onnxruntime")
+    if variants and fp32_ort:
         lines.append("")
         lines.append("Reduced precision, best throughput ÷ fp32 bare ONNX Runtime:")
         for name, prec in variants:
             b = best([r for r in results if r.precision == prec], name)
-            if b and ort_best:
+            if b:
                 lines.append(
-                    f"  {name:<22} {prec:<5} {b.throughput:7.2f} img/s  "
-                    f"{b.throughput / ort_best.throughput:.2f}x"
+                    f"  {name:<24} {prec:<5} {b.throughput:7.2f} {b.unit}/s  "
+                    f"{b.throughput / fp32_ort.throughput:.2f}x"
                 )
-    results = fp32
-    lines.append("")
-    lines.append("Ratios at each approach's best concurrency (fp32):")
-    formats = sorted({r.input_format for r in results if r.served})
-    for fmt in formats:
-        ens, py = best(results, "ensemble_model", fmt), best(results, "python_vit", fmt)
-        parts = []
-        if ens and ort_best:
-            parts.append(f"ensemble ÷ bare ORT {ens.throughput / ort_best.throughput:.2f}")
-        if py and ort_best:
-            parts.append(f"python_vit ÷ bare ORT {py.throughput / ort_best.throughput:.2f}")
-        if ens and py:
-            parts.append(f"ensemble ÷ python_vit {ens.throughput / py.throughput:.2f}")
-        lines.append(f"  {fmt:<6} " + ", ".join(parts))
-    torch_best = best(results, "bare-pytorch")
-    if torch_best and ort_best:
-        lines.append(f"  bare PyTorch ÷ bare ORT {torch_best.throughput / ort_best.throughput:.2f}")
     if preprocessing:
         lines.append(
             f"Preprocessing per image: HF processor {preprocessing['reference_ms']:.2f} ms, "
             f"vectorised {preprocessing['vectorized_ms']:.2f} ms "
             f"({preprocessing['speedup']:.1f}x, max |diff| {preprocessing['max_abs_diff']:.1e})"
         )
-
-    lines.append("")
-    lines.append("Targets:")
-    ens_best = best(results, "ensemble_model")
-    py_best = best(results, "python_vit")
-    ens_c1 = [r for r in results if r.name == "ensemble_model" and r.concurrency == 1]
-    jpeg = [r for r in results if r.input_format == "jpeg"]
-    checks = []
-    if ens_best and ort_best:
-        checks.append(
-            (
-                "ensemble_model >= 0.95 x bare ORT throughput",
-                ens_best.throughput / ort_best.throughput,
-                0.95,
-            )
-        )
-    if ens_best and py_best:
-        checks.append(
-            ("ensemble_model >= 1.3 x python_vit", ens_best.throughput / py_best.throughput, 1.3)
-        )
-    for target, value, bound in checks:
-        lines.append(f"  {target}: {value:.2f} {'met' if value >= bound else 'NOT met'}")
-    if ens_c1 and ort_b1:
-        over = min(r.p50_ms for r in ens_c1) - ort_b1.p50_ms
-        lines.append(
-            f"  server overhead at concurrency 1 <= 5 ms p50 over bare ORT: "
-            f"{over:.1f} ms {'met' if over <= 5 else 'NOT met'}"
-        )
-    if jpeg:
-        kb = jpeg[0].bytes_per_image / 1e6
-        lines.append(
-            f"  JPEG <= 0.1 MB per 640x480 image: {kb:.3f} MB {'met' if kb <= 0.1 else 'NOT met'}"
-        )
+    if taxes:
+        lines.append("")
+        lines.append("Serving tax (rounds alternating bare and served windows):")
+        lines += [t.summary() for t in taxes]
+        lines.append("")
+        lines.append("Targets:")
+        for t in taxes:
+            measured = {
+                "served ÷ bare throughput, best concurrency": statistics.median(t.ratios),
+                "p50 added at concurrency 1 (ms)": statistics.median(t.added_p50_ms),
+            }
+            for target, (op, bound) in TARGETS.items():
+                value = measured[target]
+                met = value >= bound if op == ">=" else value <= bound
+                lines.append(
+                    f"  {t.model:<24} {target} {op} {bound:g}: {value:.2f} "
+                    f"{'met' if met else 'NOT met'}"
+                )
     return "\n".join(lines)
 
 
@@ -501,7 +693,7 @@ def plot(results: list[Result], path: Path) -> None:
             (r for r in results if (r.name, r.input_format) == (name, fmt)),
             key=lambda r: r.concurrency,
         )
-        style = "-" if name == "ensemble_model" else "--"
+        style = "-" if name.startswith("ensemble") else "--"
         x = [r.concurrency for r in rs]
         ax_t.plot(x, [r.throughput for r in rs], style, marker="o", label=f"{name} {fmt}")
         ax_l.plot(x, [r.p50_ms for r in rs], style, marker="o", label=f"{name} {fmt} p50")
@@ -519,7 +711,7 @@ def plot(results: list[Result], path: Path) -> None:
     ax_t.set(
         xscale="log",
         xlabel="concurrency (requests in flight)",
-        ylabel="images/s",
+        ylabel="items/s (images or sentences)",
         title="Throughput",
     )
     ax_l.set(
@@ -544,10 +736,18 @@ def plot(results: list[Result], path: Path) -> None:
 
 def load(path: Path) -> list[Result]:
     """Results saved by :func:`save` (results.json), e.g. to redraw a plot."""
-    return [Result(**row) for row in json.loads(path.read_text())["results"]]
+    fields = {f.name for f in dataclasses.fields(Result)}
+    rows = json.loads(path.read_text())["results"]
+    return [Result(**{k: v for k, v in row.items() if k in fields}) for row in rows]
 
 
-def save(results: list[Result], preprocessing, machine: dict, out_dir: Path) -> dict[str, Path]:
+def save(
+    results: list[Result],
+    preprocessing: dict[str, float] | None,
+    machine: dict,
+    out_dir: Path,
+    taxes: list[Tax] | None = None,
+) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / "results.json",
@@ -556,14 +756,19 @@ def save(results: list[Result], preprocessing, machine: dict, out_dir: Path) -> 
         "txt": out_dir / "report.txt",
     }
     rows = [asdict(r) for r in results]
-    paths["json"].write_text(
-        json.dumps({"machine": machine, "results": rows, "preprocessing": preprocessing}, indent=2)
-    )
+    data = {
+        "machine": machine,
+        "results": rows,
+        "preprocessing": preprocessing,
+        "taxes": [asdict(t) for t in taxes or []],
+    }
+    paths["json"].write_text(json.dumps(data, indent=2))
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        columns = [k for k in rows[0] if k != "breakdown"]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    paths["txt"].write_text(report(results, preprocessing) + "\n")
+    paths["txt"].write_text(report(results, preprocessing, taxes) + "\n")
     plot(results, paths["png"])
     return paths
 
@@ -594,15 +799,16 @@ def machine_description() -> dict[str, Any]:
 @dataclass
 class BenchRun:
     """What to measure: the served side (a running server, or one started here on the
-    repositories) and the bare side (the exported model.onnx and the checkpoint)."""
+    repositories) and the bare side (each model's own runtime)."""
 
-    checkpoint: str = ""  # hub id or directory; default: the tutorial's checkpoint
+    checkpoint: str = ""  # serve every model with this checkpoint; "": each config's own
     revision: str | None = None
     allow_standin: bool = True
     repositories: list[Path] = field(default_factory=list)  # default: this project's
     workdir: Path = Path(".hf_triton/bench")
     url: str | None = None  # host:port of a running server (protocol's port)
-    onnx: Path | None = None  # the served model.onnx, for the bare runs
+    http_url: str | None = None  # its HTTP host:port (statistics, checks); default: guessed
+    onnx: Path | None = None  # with url: the served model.onnx, for the bare runs
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     ready_timeout_s: float = 600.0
     settings: BenchSettings = field(default_factory=BenchSettings)
@@ -613,98 +819,192 @@ class BenchReport:
     results: list[Result]
     preprocessing: dict[str, float]
     machine: dict[str, Any]
+    taxes: list[Tax] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
         return sum(r.errors for r in self.results)
 
+    @property
+    def mismatches(self) -> list[Result]:
+        return [r for r in self.results if r.check.startswith("MISMATCH")]
+
     def text(self) -> str:
-        return report(self.results, self.preprocessing)
+        return report(self.results, self.preprocessing, self.taxes)
 
 
 def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchReport:
-    """Measure bare compute and the served models for ``options``, in one process."""
+    """Measure every entry model next to its bare runtime, in one process."""
     from hf_triton import checkpoints
-    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment
+    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment, onnx_models
     from hf_triton.server import ServerConfig, free_port
 
     settings = options.settings
-    name = options.checkpoint or checkpoints.DEFAULT_CHECKPOINT
     if options.url and any(p != "fp32" for p in options.precisions):
         raise BenchError("--precisions needs the benchmark's own server (no --url)")
-    if options.url and settings.bare and options.onnx is None:
-        raise BenchError(
-            "with --url the bare runs need --onnx PATH (the served model.onnx), or pass --no-bare"
-        )
-    ckpt = checkpoints.resolve(
-        name, options.revision, allow_standin=options.allow_standin and not options.url
+    repositories = options.repositories or list(DEFAULT_REPOSITORIES)
+    checkpoint = options.checkpoint or (
+        None if options.repositories else checkpoints.DEFAULT_CHECKPOINT
     )
-    progress(f"weights: {ckpt.describe()}")
-    image = sample_image(settings)
-    variant_models: dict[str, str] = {}
-    deployment = None
-    onnx_paths: dict[str, Path] = {}
+    server = None
+    admin_key = os.environ.get("HF_TRITON_ADMIN_KEY")
+    onnx_dirs: dict[str, Path] = {}
     if options.url:
+        url, http_url = options.url, options.http_url or options.url
         if options.onnx is not None:
-            onnx_paths["fp32"] = options.onnx
+            onnx_dirs["*"] = options.onnx
     else:
-        repositories = options.repositories or list(DEFAULT_REPOSITORIES)
         sources = list(repositories)
-        for prec in [p for p in options.precisions if p != "fp32"]:
-            built = build_variant(
-                ckpt, prec, options.workdir / "variants", progress, settings.models
+        if checkpoint is not None:
+            ckpt = checkpoints.resolve(
+                checkpoint, options.revision, allow_standin=options.allow_standin
             )
-            if built is None:
-                continue
-            repos, models, variant_onnx = built
-            sources += repos
-            variant_models |= dict.fromkeys(models, prec)
-            if variant_onnx:
-                onnx_paths[prec] = variant_onnx
-        # Stages the repositories; exports fp32 model.onnx into the staged copy when stale.
+            for prec in [p for p in options.precisions if p != "fp32"]:
+                built = build_variant(
+                    ckpt, prec, options.workdir / "variants", progress, settings.models
+                )
+                if built is not None:
+                    sources += built[0]
+                    if settings.models:  # named models: their variants too
+                        settings.models = [*settings.models, *built[1]]
         deployment = Deployment.prepare(
-            name,
+            checkpoint,
             options.revision,
             repositories=sources,
             workdir=options.workdir,
             allow_standin=options.allow_standin,
         )
-        staged = deployment.repositories[len(repositories) - 1]
-        onnx_paths["fp32"] = options.onnx or staged / "vit" / "1" / "model.onnx"
-        settings.models = [*settings.models, *variant_models]
-    results: list[Result] = []
-    if settings.bare:
-        results += bench_bare(
-            onnx_paths,
-            ckpt.path,
-            image,
-            settings,
-            progress,
-            torch_precisions=tuple(options.precisions),
-        )
-    preprocessing = bench_preprocessing(
-        DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py", ckpt.path, image
-    )
-    server = None
-    url = options.url
+        for repo in deployment.repositories:
+            for model_dir in onnx_models(repo):
+                onnx_dirs[model_dir.name] = model_dir / "1" / "model.onnx"
+        grpc, http = free_port(), free_port()
+        config = ServerConfig([], http_port=http, grpc_port=grpc, metrics_port=free_port())
+        server = deployment.server(config)
+        admin_key = config.admin_key
+        progress(f"starting Triton (log: {server.log_path})")
+        server.start()
+        http_url = f"127.0.0.1:{http}"
+        url = f"127.0.0.1:{grpc}" if settings.protocol == "grpc" else http_url
     try:
-        if deployment is not None:
-            port = free_port()
-            config = ServerConfig(
-                [], http_port=free_port(), grpc_port=port, metrics_port=free_port()
-            )
-            server = deployment.server(config)
-            progress(f"starting Triton (log: {server.log_path})")
-            server.start()
+        if server is not None:
             server.wait_ready(options.ready_timeout_s)
-            url = f"127.0.0.1:{port}" if settings.protocol == "grpc" else server.http_url[7:]
-        assert url is not None
-        results += bench_served(url, image, settings, progress, variant_models)
+        models = settings.models or entry_models(http_url, admin_key)
+        targets = discover(http_url, models, lambda name: onnx_dirs.get(name, onnx_dirs.get("*")))
+        results, taxes = _measure_targets(url, http_url, targets, settings, progress)
     finally:
         if server is not None:
             server.stop()
-    machine = machine_description() | {"weights": ckpt.describe()}
-    return BenchReport(results, preprocessing, machine)
+    preprocessing = {}
+    image = next((t for t in targets if t.modality == "image"), None)
+    if image is not None:
+        preprocessing = bench_preprocessing(
+            DEFAULT_REPOSITORIES[0] / "python_vit" / "1" / "model.py",
+            image.checkpoint,
+            sample_image(settings),
+        )
+    weights = "; ".join(sorted({_weights(t.checkpoint) for t in targets}))
+    machine = machine_description() | {"weights": weights}
+    return BenchReport(results, preprocessing, machine, taxes)
+
+
+def _weights(path: Path) -> str:
+    from hf_triton.checkpoints import STANDIN_MARKER
+
+    if (path / STANDIN_MARKER).exists():
+        return f"OFFLINE STAND-IN, RANDOM weights ({path})"
+    return str(path)
+
+
+def _measure_targets(
+    url: str,
+    http_url: str,
+    targets: list[Target],
+    settings: BenchSettings,
+    progress: Callable[[str], None],
+) -> tuple[list[Result], list[Tax]]:
+    results: list[Result] = []
+    taxes: list[Tax] = []
+    image = sample_image(settings)
+    texts = sample_texts()
+    bares: dict[tuple[str, str, str], Bare] = {}
+    for target in targets:
+        examples: list[Any] = [image] if target.modality == "image" else texts
+        tokens = 0.0
+        bare = None
+        if settings.bare:
+            key = (target.bare, str(target.onnx or target.checkpoint), target.precision)
+            if key not in bares:
+                bares[key] = Bare(target)
+                for batch in sorted({1, max(settings.concurrency)}):
+                    progress(f"{target.bare} {target.precision} batch {batch} ({target.model})")
+                    results.append(bench_bare(bares[key], examples, batch, settings))
+                    progress(_line(results[-1]))
+            bare = bares[key]
+            if target.modality == "text":
+                tokens = float(bare.feed(texts)["attention_mask"].sum(1).mean())
+        for fmt in target.formats(settings.formats):
+            check = ""
+            if bare is not None:
+                example = _decoded(examples[0], fmt, settings.jpeg_quality)
+                served = served_answer(
+                    http_url, target, fmt, examples[0], settings.jpeg_quality, bare.output
+                )
+                check = check_answer(served, bare.forward(bare.feed([example])), target.precision)
+                progress(f"{target.model} {fmt}: answer {check}")
+            for conc in settings.concurrency:
+                progress(f"{target.model} {fmt} concurrency {conc}")
+                before = _statistics(http_url, target.steps) if conc == 1 else None
+                result = asyncio.run(
+                    _bench_served_one(url, target, fmt, conc, examples[0], settings)
+                )
+                if before is not None:
+                    after = _statistics(http_url, target.steps)
+                    done = after[target.steps[-1]]["count"] - before[target.steps[-1]]["count"]
+                    result.breakdown = breakdown(before, after, done)
+                result.check, result.tokens_per_item = check, tokens
+                results.append(result)
+                progress(_line(results[-1]))
+        if bare is not None and settings.tax_rounds > 0:
+            taxes.append(_tax(url, target, bare, examples, results, settings, progress))
+    return results, taxes
+
+
+def _decoded(example: Any, fmt: str, quality: int) -> Any:
+    """What the server sees of an example sent as ``fmt`` (a JPEG is decoded as load_image)."""
+    if fmt != "jpeg":
+        return example
+    data = request_tensor(example, fmt, quality)[0, 0]
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _tax(
+    url: str,
+    target: Target,
+    bare: Bare,
+    examples: list[Any],
+    results: list[Result],
+    settings: BenchSettings,
+    progress: Callable[[str], None],
+) -> Tax:
+    """Alternate bare and served windows: throughput at each side's best setting, p50 at 1."""
+    served = [r for r in results if r.name == target.model]
+    top = max(served, key=lambda r: r.throughput)
+    bares = [r for r in results if r.name == target.bare and r.precision == target.precision]
+    batch = max(bares, key=lambda r: r.throughput).concurrency
+    quick = dataclasses.replace(settings, min_windows=1, max_windows=2)
+    tax = Tax(target.model, target.bare, top.input_format, top.concurrency, batch, [], [])
+    for round_ in range(settings.tax_rounds):
+        progress(f"serving tax of {target.model}, round {round_ + 1}/{settings.tax_rounds}")
+        b_top = bench_bare(bare, examples, batch, quick)
+        s_top = asyncio.run(
+            _bench_served_one(url, target, top.input_format, top.concurrency, examples[0], quick)
+        )
+        b_one = bench_bare(bare, examples, 1, quick)
+        s_one = asyncio.run(_bench_served_one(url, target, top.input_format, 1, examples[0], quick))
+        tax.ratios.append(s_top.throughput / b_top.throughput)
+        tax.added_p50_ms.append(s_one.p50_ms - b_one.p50_ms)
+    return tax
 
 
 def build_variant(

@@ -116,6 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
         repositories=args.model_repository or [],
         workdir=args.workdir or Path(".hf_triton/bench"),
         url=args.url,
+        http_url=args.http_url,
         onnx=args.onnx,
         precisions=args.precisions,
         ready_timeout_s=args.ready_timeout_s,
@@ -129,6 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
             warmup_s=args.warmup_s,
             max_windows=args.max_windows,
             bare=not args.no_bare,
+            tax_rounds=args.tax_rounds,
         ),
     )
     started = time.monotonic()
@@ -140,10 +142,14 @@ def _bench(args: argparse.Namespace) -> int:
     machine = result.machine
     print(f"\nMachine: {machine['cpu']}, {machine['cores']} cores; weights: {machine['weights']}")
     print(result.text())
-    paths = bench.save(result.results, result.preprocessing, machine, args.out)
+    paths = bench.save(result.results, result.preprocessing, machine, args.out, result.taxes)
     print("\nWrote " + ", ".join(str(p) for p in paths.values()))
-    if result.errors:
-        print(f"error: {result.errors} requests failed", file=sys.stderr)
+    if result.errors or result.mismatches:
+        print(
+            f"error: {result.errors} requests failed, {len(result.mismatches)} served answers "
+            "differ from the bare runtime's",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -435,16 +441,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="max abs difference allowed per output (default: %(default)s)",
     )
     exp.set_defaults(func=_export)
-    b = sub.add_parser("bench", help="measure bare compute and both served approaches")
+    b = sub.add_parser("bench", help="measure every served model next to its bare runtime")
     _add_checkpoint_args(b)
+    b.set_defaults(checkpoint=None)  # the tutorial's, unless --model-repository names others
     b.add_argument(
         "--concurrency",
         type=_csv(int),
         default=[1, 4, 16],
         help="comma-separated (default: 1,4,16)",
     )
-    b.add_argument("--formats", type=_csv(str), default=["fp32", "uint8", "jpeg"])
-    b.add_argument("--models", type=_csv(str), default=["python_vit", "ensemble_model"])
+    b.add_argument(
+        "--formats",
+        type=_csv(str),
+        default=["fp32", "uint8", "jpeg", "text"],
+        help="image formats fp32,uint8,jpeg and/or text (each model takes what it can)",
+    )
+    b.add_argument(
+        "--models",
+        type=_csv(str),
+        default=[],
+        help="entry models to measure (default: every model that is not an ensemble step)",
+    )
+    b.add_argument(
+        "--tax-rounds",
+        type=int,
+        default=3,
+        help="rounds alternating bare and served windows for the serving tax (0: skip)",
+    )
     b.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     b.add_argument("--window-s", type=float, default=4.0, help="measurement window")
     b.add_argument(
@@ -475,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
         "starting one; needs --onnx for the bare runs",
     )
     b.add_argument("--onnx", type=Path, default=None, help="model.onnx for the bare run")
+    b.add_argument(
+        "--http-url",
+        default=None,
+        help="with --url over gRPC: the server's HTTP host:port (statistics, answer checks)",
+    )
     b.add_argument(
         "--model-repository",
         type=Path,

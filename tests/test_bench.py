@@ -21,34 +21,77 @@ QUICK = ["--window-s", "0.3", "--min-requests", "3", "--warmup-s", "0.2", "--max
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("bench", *QUICK, *args, timeout=300)
+    import os
+
+    from conftest import ADMIN_KEY
+
+    env = {**os.environ, "HF_TRITON_ADMIN_KEY": ADMIN_KEY}  # lists the models it measures
+    return run_cli("bench", *QUICK, "--tax-rounds", "1", *args, timeout=300, env=env)
 
 
 def test_benchmark_smoke(server, tmp_path):
-    onnx = server.served_onnx
+    """Every entry model of a running server, each format, next to its bare runtime; served
+    answers checked against the bare runtime's; Triton's per-step breakdown; the serving tax."""
     run = run_bench(
         "--url",
         server.grpc_url,
+        "--http-url",
+        server.url,
         "--onnx",
-        str(onnx),
-        "--checkpoint",
-        str(server.checkpoint),
+        str(server.served_onnx),
         "--concurrency",
-        "2",
+        "1,2",
         "--out",
         str(tmp_path),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "ensemble ÷ python_vit" in run.stdout and "Targets:" in run.stdout
+    for words in ("Where a request's time goes", "Serving tax", "Targets:", "p50 added at c=1"):
+        assert words in run.stdout, words
     data = json.loads((tmp_path / "results.json").read_text())
-    rows = {(r["name"], r["input_format"], r["concurrency"]) for r in data["results"]}
+    rows = {(r["name"], r["input_format"], r["concurrency"]): r for r in data["results"]}
     for model in ("python_vit", "ensemble_model"):
         for fmt in ("fp32", "uint8", "jpeg"):
             assert (model, fmt, 2) in rows
+            assert rows[(model, fmt, 1)]["check"].startswith("ok (cos"), rows[(model, fmt, 1)]
+        steps = rows[(model, "uint8", 1)]["breakdown"]
+        expected = {"python_vit"} if model == "python_vit" else {"preprocessing", "vit"}
+        assert set(steps) == expected and all(s["infer"] > 0 for s in steps.values()), steps
     assert ("bare-onnxruntime", "pixel_values", 2) in rows
+    assert ("bare-pytorch", "pixel_values", 1) in rows
     assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
+    assert {t["model"] for t in data["taxes"]} == {"python_vit", "ensemble_model"}
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert (tmp_path / "results.csv").read_text().startswith("name,")
+
+
+def test_benchmark_text_model(text_server, tmp_path):
+    """A built text model: sentences/s and tokens/s, its answer checked against ONNX Runtime."""
+    run = run_bench(
+        "--url",
+        text_server.url,
+        "--protocol",
+        "http",
+        "--models",
+        "ensemble_bertcls",
+        "--onnx",
+        str(
+            text_server.launched.workdir
+            / "repositories"
+            / "bertcls_ensemble_model_repository"
+            / "bertcls"
+            / "1"
+            / "model.onnx"
+        ),
+        "--concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "tokens/s" in run.stdout and "sentence/s" in run.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    served = [r for r in rows if r["name"] == "ensemble_bertcls"]
+    assert served and served[0]["check"].startswith("ok") and served[0]["tokens_per_item"] > 5
 
 
 def test_benchmark_over_http(server, tmp_path):

@@ -224,6 +224,5 @@ def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
     assert {
         ("ensemble_model_int8", "int8"),
         ("bare-onnxruntime", "int8"),
-        ("bare-pytorch", "int8"),
         ("ensemble_model", "fp32"),
     } <= seen
