@@ -242,6 +242,7 @@ def _build(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
+        max_queue_delay_us=args.max_queue_delay_us,
     )
     result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
@@ -401,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests that may wait per model before more are refused with 503 "
         "(default: 2 x --max-batch-size; 0: unbounded)",
+    )
+    bu.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=0,
+        help="how long the batcher waits for more requests (default 0: CPU; try 1000-5000 "
+        "on a GPU, where larger batches are nearly free)",
     )
     bu.add_argument(
         "--queue-timeout-ms",

@@ -15,7 +15,7 @@ import tomllib
 import yaml
 
 from hf_triton import container
-from hf_triton.serve import PROJECT_ROOT
+from hf_triton.serve import PROJECT_ROOT, SERVER_ENV
 from hf_triton.server import ServerConfig
 
 from helpers import run_cli
@@ -153,7 +153,10 @@ def test_deployments_carry_the_launchers_flags(where):
     missing = _portable_flags() - set(args)
     assert not missing, f"{where} lacks the launcher's {sorted(missing)}"
     assert "--backend-config=python,shm-region-prefix-name=hf_triton_" in args
-    assert {e["name"] for e in container_spec["env"]} >= {"ADMIN_KEY", "HF_HUB_OFFLINE"}
+    env = {e["name"]: e.get("value") for e in container_spec["env"]}
+    assert env.keys() >= {"ADMIN_KEY", "HF_HUB_OFFLINE"}
+    for name, value in SERVER_ENV.items():  # the environment the launcher gives the server
+        assert env.get(name) == value, f"{where} lacks {name}={value}"
     assert "/opt/hf_triton/probe.py" in container_spec["livenessProbe"]["exec"]["command"]
 
 
@@ -180,6 +183,8 @@ def test_image_and_readme_agree_on_hub_access():
     repositories downloads the hub id); the launcher and the manifests turn it off."""
     text = container.DOCKERFILE.read_text()
     assert "HF_HUB_OFFLINE" not in text.split("USER triton-server")[1]
+    for name, value in SERVER_ENV.items():
+        assert f"{name}={value}" in text.split("USER triton-server")[1]
     assert "COPY hf_triton/probe.py /opt/hf_triton/probe.py" in text
     ignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
     assert ignore[-2:] == ["*", "!hf_triton/probe.py"]

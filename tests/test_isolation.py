@@ -79,8 +79,10 @@ def _send(url: str, model: str, inputs: Inputs) -> dict[str, np.ndarray] | Infer
 
 
 def burst(url: str, model: str, batched: str, requests: list[Inputs]) -> list:
-    """Send every request at the same moment; retry until Triton ran some of them together."""
-    for _ in range(5):
+    """Send every request at the same moment; retry until Triton ran some of them together
+    (with no batcher delay, the default, a burst forms a batch only when it queues behind a
+    running execution; most tries do)."""
+    for _ in range(20):
         before = _batches(url, batched)
         start = threading.Barrier(len(requests))
 

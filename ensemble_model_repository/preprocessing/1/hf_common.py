@@ -340,7 +340,10 @@ def run_batched(requests, parse, run, dtypes):
     for i, items in parsed:
         end = start + len(items)
         results[i] = (
-            {n: np.ascontiguousarray(a[start:end].astype(dtypes[n])) for n, a in outputs.items()},
+            {
+                n: np.ascontiguousarray(a[start:end].astype(dtypes[n], copy=False))
+                for n, a in outputs.items()
+            },
             None,
         )
         start = end
@@ -352,7 +355,9 @@ def _run_alone(items, run, dtypes):
         outputs = run(items)
     except Exception as e:  # reported to this request's client, with its type and message
         return None, e
-    return {n: np.ascontiguousarray(a.astype(dtypes[n])) for n, a in outputs.items()}, None
+    return {
+        n: np.ascontiguousarray(a.astype(dtypes[n], copy=False)) for n, a in outputs.items()
+    }, None
 
 
 def respond(requests, parse, run, dtypes):

@@ -154,6 +154,7 @@ class VectorizedImageProcessor:
 
     def __init__(self, processor):
         self.processor = processor
+        self.direct = _plain_resize(processor)
         zero = self._geometry(np.zeros((64, 64, 3), np.uint8))
         if zero.dtype != np.uint8:
             raise ValueError(f"{type(processor).__name__} changes pixel values during geometry")
@@ -166,6 +167,10 @@ class VectorizedImageProcessor:
         self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 
     def _geometry(self, image):
+        if self.direct is not None:  # the processor's own PIL resize, without its conversions
+            size, resample = self.direct
+            pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+            return np.asarray(pil.resize(size, resample)).transpose(2, 0, 1)
         out = process(self.processor, [image], do_rescale=False, do_normalize=False)
         return np.asarray(out[0])
 
@@ -178,11 +183,36 @@ class VectorizedImageProcessor:
             with budget.hold(item.pixels):
                 return self._geometry(item.load())
 
-        resized = list(self.pool.map(resize, images))
+        # A lone image is resized here: no thread hand-off.
+        resized = [resize(images[0])] if len(images) == 1 else list(self.pool.map(resize, images))
         pixels = np.stack(resized).astype(np.float32)
         pixels *= self.gain
         pixels += self.bias
         return pixels
+
+
+def _plain_resize(processor):
+    """(size, filter) when the processor's geometry is only a resize to a fixed height x
+    width with PIL (ViT-like): then PIL can do it directly. None otherwise."""
+    try:  # transformers >= 5 (older releases keep the general path)
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:
+        return None
+    size = processor.size or {}
+    kind = type(processor)
+    plain = (
+        getattr(processor, "do_resize", False)
+        and size.get("height")
+        and size.get("width")
+        and not getattr(processor, "do_center_crop", False)
+        and not getattr(processor, "do_pad", False)
+        and kind.resize is PilBackend.resize
+        and kind._preprocess is PilBackend._preprocess
+        and getattr(processor, "resample", None) is not None
+    )
+    if not plain:
+        return None
+    return (int(size["width"]), int(size["height"])), Image.Resampling(int(processor.resample))
 
 
 def _self_check(fast, processor):

@@ -194,7 +194,10 @@ class TritonPythonModel:
         if not self.batching:
             return [self._respond(lambda f=feed: self._run(f)) for feed in feeds]
         try:
-            batch = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.inputs}
+            if len(feeds) == 1:  # nothing to gather: no copy
+                batch = feeds[0]
+            else:
+                batch = {name: np.concatenate([f[name] for f in feeds]) for name, _ in self.inputs}
             results = self._run(batch)
         except Exception:  # one request's input failed them all: run each on its own
             if len(feeds) == 1:
