@@ -774,20 +774,16 @@ def save(
 
 
 def machine_description() -> dict[str, Any]:
-    import os
     import platform
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from hf_triton.hardware import detect
+
+    machine = detect()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": machine.cpu,
+        "cores": machine.cores,
+        "kind": machine.kind,  # every figure names the CPU kind it was measured on
+        "gpu": machine.gpu or "none",
         "python": platform.python_version(),
         "platform": platform.platform(),
     }

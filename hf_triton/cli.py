@@ -140,7 +140,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     result = bench.run(options, progress)
     machine = result.machine
-    print(f"\nMachine: {machine['cpu']}, {machine['cores']} cores; weights: {machine['weights']}")
+    print(
+        f"\nMachine: {machine['cpu']}, {machine['cores']} cores, {machine['kind']}; "
+        f"weights: {machine['weights']}"
+    )
     print(result.text())
     paths = bench.save(result.results, result.preprocessing, machine, args.out, result.taxes)
     print("\nWrote " + ", ".join(str(p) for p in paths.values()))
@@ -151,6 +154,41 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from hf_triton import build, optimize
+
+    options = optimize.OptimizeRun(
+        checkpoint=args.model,
+        out=args.out,
+        task=args.task,
+        revision=args.revision,
+        allow_standin=not args.no_standin,
+        candidates=args.candidates,
+        concurrency=args.concurrency,
+        rounds=args.rounds,
+        tune=[] if args.no_tune else args.tune,
+        workdir=args.workdir,
+        options=build.BuildOptions(
+            name=args.name,
+            preprocessing_name=args.preprocessing_name,
+            ensemble_name=args.ensemble_name,
+            max_batch_size=args.max_batch_size,
+            revision=args.revision or "",
+        ),
+    )
+    options.settings.window_s = args.window_s
+    options.settings.warmup_s = min(options.settings.warmup_s, args.window_s)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
+
+    report = optimize.run(options, progress)
+    print("\n" + report.text())
+    print(f"\nReport: {args.out / 'optimize_report.md'} (json, png beside it)")
     return 0
 
 
@@ -521,6 +559,46 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench_results"))
     b.add_argument("--ready-timeout-s", type=float, default=600.0)
     b.set_defaults(func=_bench)
+    op = sub.add_parser(
+        "optimize",
+        help="build every variant this machine can run, gate and measure them served, tune the "
+        "fastest, write its repository",
+    )
+    op.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    op.add_argument("--task", default=None, help="default: from the checkpoint")
+    op.add_argument("--out", type=Path, default=Path("optimized"), help="the winner's repository")
+    op.add_argument(
+        "--candidates",
+        type=_csv(str),
+        default=[],
+        help="comma-separated subset of fp32-onnxruntime, fused-onnxruntime, int8-onnxruntime, "
+        "fp32-pytorch, int8-pytorch, bf16-pytorch, fp16-pytorch (default: all this machine "
+        "can run)",
+    )
+    op.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="loaded setting: served concurrency and bare batch (default: %(default)s)",
+    )
+    op.add_argument("--rounds", type=int, default=2, help="alternating rounds (medians)")
+    op.add_argument("--window-s", type=float, default=3.0, help="seconds per measurement")
+    op.add_argument(
+        "--tune",
+        type=_csv(str),
+        default=["instances", "delay", "preprocessing"],
+        help="knobs to search for the winner: instances (ONNX Runtime threads split between "
+        "them), delay (the batcher's), preprocessing (the ensemble's instances); default: all",
+    )
+    op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
+    op.add_argument("--name", default="model", help="model name in the written repository")
+    op.add_argument("--preprocessing-name", default="preprocessing")
+    op.add_argument("--ensemble-name", default="ensemble_model")
+    op.add_argument("--max-batch-size", type=int, default=8)
+    op.add_argument("--revision", default=None)
+    op.add_argument("--no-standin", action="store_true")
+    op.add_argument("--workdir", type=Path, default=Path(".hf_triton/optimize"))
+    op.set_defaults(func=_optimize)
     co = sub.add_parser(
         "conformance",
         help="build, serve and check every model family both ways against independent references",

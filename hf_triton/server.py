@@ -180,9 +180,14 @@ class ServerConfig:
     #: Names this server's shared-memory regions in /dev/shm, so what a killed server leaves
     #: behind can be found and removed (Triton's default names carry no owner).
     shm_prefix: str = field(default_factory=lambda: f"hf_triton_{secrets.token_hex(4)}_")
+    #: "none" serves what the repositories hold, fixed. "explicit" (``hf-triton optimize``)
+    #: loads them all at start and lets the admin key reload a model with another config.
+    model_control: str = "none"
 
     def check(self) -> None:
         """Refuse settings Triton 2.51 would accept and then not honour."""
+        if self.model_control not in ("none", "explicit"):
+            raise ServerError(f"model_control is 'none' or 'explicit', not {self.model_control!r}")
         if ":" in self.host:
             raise ServerError(
                 f"--host {self.host}: Triton 2.51 serves HTTP and metrics on IPv4 only (given an "
@@ -208,7 +213,8 @@ class ServerConfig:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--model-control-mode=none",
+            f"--model-control-mode={self.model_control}",
+            *(["--load-model=*"] if self.model_control == "explicit" else []),
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",

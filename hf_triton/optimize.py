@@ -1,0 +1,610 @@
+"""Choose the fastest served variant that passes the accuracy gate, on this machine.
+
+One run: detect the machine's kind (:mod:`hf_triton.hardware`), build every candidate
+variant the machine can run (fp32, fused and int8 ONNX Runtime; fp32, int8 and bf16 PyTorch;
+fp16 with a GPU), gate each against fp32, serve them all from one Triton server, measure each
+served next to its bare runtime in alternating rounds, tune the winner's Triton config by
+measuring each change against the current best (reloading the model with the new config, as
+Model Analyzer does), and write the winner's repository with a report saying why.
+
+Nothing here decides from tables of what should be fast: every choice is a measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_triton import bench, build, checkpoints, export, hardware, precision
+from hf_triton.errors import HfTritonError
+from hf_triton.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class OptimizeError(HfTritonError):
+    """No candidate could be built, served or measured."""
+
+
+@dataclass
+class Candidate:
+    key: str  # e.g. "int8-onnxruntime"
+    precision: str
+    approach: str  # python (PyTorch) | ensemble (ONNX Runtime)
+    fused: bool = False  # ONNX Runtime's offline transformer fusions
+    skipped: str = ""  # why it was not tried on this machine
+    refused: str = ""  # the gate's (or the build's) verdict when it failed
+    gate: str = ""  # the gate's summary when it passed ("" for the fp32 references)
+    entry_model: str = ""
+    check: str = ""  # one served answer against the bare runtime's
+    served: list[float] = field(default_factory=list)  # items/s at the top concurrency
+    bare: list[float] = field(default_factory=list)  # items/s at the same batch
+    served_p50_ms: list[float] = field(default_factory=list)  # at concurrency 1
+    bare_p50_ms: list[float] = field(default_factory=list)  # at batch 1
+
+    @property
+    def runtime(self) -> str:
+        return "ONNX Runtime" if self.approach == "ensemble" else "PyTorch"
+
+    @property
+    def tag(self) -> str:
+        return self.key.replace("-", "_")
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.served) and not self.check.startswith("MISMATCH")
+
+    def median(self, values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+
+#: Every candidate, in the order they are built and reported.
+CANDIDATES = (
+    ("fp32-onnxruntime", "fp32", "ensemble", False),
+    ("fused-onnxruntime", "fp32", "ensemble", True),
+    ("int8-onnxruntime", "int8", "ensemble", False),
+    ("fp32-pytorch", "fp32", "python", False),
+    ("int8-pytorch", "int8", "python", False),
+    ("bf16-pytorch", "bf16", "python", False),
+    ("fp16-pytorch", "fp16", "python", False),
+)
+YARDSTICK = "fp32-onnxruntime"
+
+#: What tuning searches: instances (with ONNX Runtime's threads split between them), the
+#: batcher's delay, the ensemble's preprocessing instances.
+KNOBS = ("instances", "delay", "preprocessing")
+
+
+def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> list[Candidate]:
+    """The candidates, each with the reason it is skipped on ``machine`` (if it is)."""
+    known = [key for key, *_ in CANDIDATES]
+    unknown = sorted(set(wanted or []) - set(known))
+    if unknown:
+        raise OptimizeError(f"unknown candidates {unknown}; choose from {', '.join(known)}")
+    out = []
+    for key, prec, approach, fused in CANDIDATES:
+        c = Candidate(key, prec, approach, fused)
+        if wanted and key not in wanted:
+            c.skipped = "not asked for (--candidates)"
+        elif prec == "bf16" and not (machine.bf16 or machine.gpu):
+            c.skipped = (
+                f"no native bf16 on this CPU ({machine.kind}): PyTorch emulates it, ~8x slower "
+                "than fp32 (measured on AVX2); needs AVX512-BF16, AMX or a GPU"
+            )
+        elif prec == "fp16" and not machine.gpu:
+            c.skipped = "fp16 needs a GPU"
+        elif machine.gpu and approach == "ensemble":
+            c.skipped = "the Python-based ONNX Runtime backend runs on the CPU only"
+        out.append(c)
+    return out
+
+
+# -- building ---------------------------------------------------------------------------------
+
+
+def _options(c: Candidate) -> build.BuildOptions:
+    return build.BuildOptions(
+        name=f"m_{c.tag}",
+        preprocessing_name=f"pre_{c.tag}",
+        ensemble_name=f"ens_{c.tag}",
+        precision=c.precision,
+    )
+
+
+def _onnx_of(out: Path, c: Candidate) -> Path:
+    return out / "ensemble_model_repository" / _options(c).name / "1" / "model.onnx"
+
+
+def fuse_onnx(spec: ModelSpec, src: Path, dst: Path) -> dict[str, int]:
+    """ONNX Runtime's offline transformer fusions (attention, layer norm, GELU) of ``src``;
+    the fused operators and their counts. Raises when the graph's inputs would change."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = spec.config.get("vision_config") or spec.config.get("text_config") or spec.config
+    heads = int(config.get("num_attention_heads") or 0)
+    hidden = int(config.get("hidden_size") or 0)
+    model_type = "vit" if spec.modality == "image" else "bert"
+    fused = optimize_model(
+        str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=1
+    )
+    names = [i.name for i in fused.model.graph.input]
+    original = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+    if sorted(names) != sorted(original):
+        raise OptimizeError(f"fusion changed the inputs ({original} -> {names})")
+    meta = fused.model.metadata_props.add()
+    meta.key, meta.value = "hf_triton.fusions", "onnxruntime.transformers.optimizer"
+    fused.save_model_to_file(str(dst))
+    return {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+
+
+def build_candidate(
+    spec: ModelSpec, c: Candidate, root: Path, fp32_onnx: Path | None
+) -> tuple[list[Path], Path | None]:
+    """Build ``c`` under ``root``; its repositories and its model.onnx (ensemble). Sets
+    ``c.refused`` (and returns nothing) when the gate or the build refuses it."""
+    out = root / c.key
+    shutil.rmtree(out, ignore_errors=True)
+    options = _options(c)
+    try:
+        if c.fused:
+            result = build.build(spec, out, "ensemble", options, export_onnx=False)
+            target = _onnx_of(out, c)
+            fp32 = fp32_onnx
+            if fp32 is None or not fp32.exists():
+                fp32 = out / "model.fp32.onnx"
+                export.export_onnx(spec, fp32)
+            operators = fuse_onnx(spec, fp32, target)
+            report = precision.gate_onnx(spec, "fp32+fusions", fp32, target)
+            ops = ", ".join(f"{k} x{v}" for k, v in operators.items()) or "nothing fused"
+            c.gate = f"{report.summary()}; fused: {ops}"
+        else:
+            result = build.build(spec, out, c.approach, options)
+            c.gate = "; ".join(g.summary() for g in result.gates)
+    except (precision.GateFailed, HfTritonError) as e:
+        c.refused = str(e)
+        return [], None
+    c.entry_model = result.entry_models[0]
+    onnx = _onnx_of(out, c)
+    return result.repositories, onnx if onnx.exists() else None
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizeRun:
+    checkpoint: str
+    out: Path
+    task: str | None = None
+    revision: str | None = None
+    allow_standin: bool = True
+    candidates: list[str] = field(default_factory=list)  # default: all the machine can run
+    concurrency: int = 8  # the loaded setting: served concurrency = bare batch
+    rounds: int = 2  # alternating measurement rounds per candidate (medians reported)
+    #: Knobs to search for the winner (empty: keep the built config); see :data:`KNOBS`.
+    tune: list[str] = field(default_factory=lambda: list(KNOBS))
+    workdir: Path = Path(".hf_triton/optimize")
+    #: The winner's repository: its model names, batch and queue settings.
+    options: build.BuildOptions = field(default_factory=build.BuildOptions)
+    settings: bench.BenchSettings = field(
+        default_factory=lambda: bench.BenchSettings(
+            window_s=3.0, min_requests=10, warmup_s=1.0, min_windows=1, max_windows=2
+        )
+    )
+
+
+@dataclass
+class Trial:
+    change: str  # what this trial changed, e.g. "2 instances of m_int8_onnxruntime"
+    values: dict[str, int]
+    ratios: list[float] = field(default_factory=list)  # trial ÷ current best, per pair
+    kept: bool = False
+
+
+@dataclass
+class OptimizeReport:
+    machine: hardware.Machine
+    weights: str
+    candidates: list[Candidate]
+    winner: Candidate | None
+    tuned: dict[str, int]
+    trials: list[Trial]
+    out: Path
+    repositories: list[Path] = field(default_factory=list)
+    unit: str = "img"
+
+    def yardstick(self) -> float:
+        fp32 = next((c for c in self.candidates if c.key == YARDSTICK and c.bare), None)
+        return fp32.median(fp32.bare) if fp32 else 0.0
+
+    def text(self) -> str:
+        base = self.yardstick()
+        lines = [
+            f"Machine: {self.machine.describe()}",
+            f"Weights: {self.weights}",
+            "",
+            f"| candidate | runtime | served {self.unit}/s | bare {self.unit}/s | "
+            "served ÷ bare | ÷ fp32 bare ONNX Runtime | p50 c=1 ms (bare) | gate |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.candidates:
+            if c.skipped or c.refused:
+                verdict = f"skipped: {c.skipped}" if c.skipped else f"REFUSED: {c.refused}"
+                lines.append(f"| {c.key} | {c.runtime} | – | – | – | – | – | {verdict} |")
+                continue
+            served, bare = c.median(c.served), c.median(c.bare)
+            mark = " **chosen**" if c is self.winner else ""
+            lines.append(
+                f"| {c.key}{mark} | {c.runtime} | {served:.2f} | {bare:.2f} | "
+                f"{served / bare if bare else 0:.2f} | {served / base if base else 0:.2f} | "
+                f"{c.median(c.served_p50_ms):.1f} ({c.median(c.bare_p50_ms):.1f}) | "
+                f"{c.gate or 'reference'}; served answer {c.check} |"
+            )
+        lines.append("")
+        if self.winner is None:
+            lines.append("No candidate was measured; nothing was written.")
+            return "\n".join(lines)
+        lines.append(
+            f"Chosen: {self.winner.key}, the highest served throughput of the candidates that "
+            f"passed the gate ({len(self.winner.served)} alternating rounds, medians)."
+        )
+        if self.trials:
+            lines += ["", "Tuning (each change measured against the current best, alternating):"]
+            for t in self.trials:
+                spread = f"{min(t.ratios):.2f}-{max(t.ratios):.2f}" if t.ratios else "–"
+                ratio = statistics.median(t.ratios) if t.ratios else 0.0
+                verdict = "kept" if t.kept else "dropped"
+                lines.append(f"  {t.change}: {ratio:.2f}x (pairs {spread}) -> {verdict}")
+        tuned = ", ".join(f"{k}={v}" for k, v in self.tuned.items())
+        lines += ["", f"Config: {tuned}", f"Wrote {', '.join(str(r) for r in self.repositories)}"]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "machine": dataclasses.asdict(self.machine)
+            | {"flags": sorted(self.machine.flags), "kind": self.machine.kind},
+            "weights": self.weights,
+            "candidates": [dataclasses.asdict(c) | {"runtime": c.runtime} for c in self.candidates],
+            "winner": self.winner.key if self.winner else None,
+            "tuned": self.tuned,
+            "trials": [dataclasses.asdict(t) for t in self.trials],
+            "repositories": [str(r) for r in self.repositories],
+        }
+
+
+def _served(url: str, target: bench.Target, conc: int, example: Any, s: bench.BenchSettings):
+    fmt = "uint8" if target.modality == "image" else "text"
+    return asyncio.run(bench._bench_served_one(url, target, fmt, conc, example, s))
+
+
+def _measure_round(
+    url: str,
+    c: Candidate,
+    target: bench.Target,
+    bare: bench.Bare,
+    examples: list[Any],
+    conc: int,
+    settings: bench.BenchSettings,
+) -> None:
+    b_top = bench.bench_bare(bare, examples, conc, settings)
+    s_top = _served(url, target, conc, examples[0], settings)
+    b_one = bench.bench_bare(bare, examples, 1, settings)
+    s_one = _served(url, target, 1, examples[0], settings)
+    if s_top.errors or s_one.errors:
+        raise OptimizeError(f"{target.model}: {s_top.errors + s_one.errors} requests failed")
+    c.bare.append(b_top.throughput)
+    c.served.append(s_top.throughput)
+    c.bare_p50_ms.append(b_one.p50_ms)
+    c.served_p50_ms.append(s_one.p50_ms)
+
+
+# -- tuning -----------------------------------------------------------------------------------
+
+
+class _Reloader:
+    """Reload a served model with a changed config (explicit model control, admin key)."""
+
+    def __init__(self, http_url: str, admin_key: str | None):
+        import tritonclient.http as httpclient
+
+        self.client = httpclient.InferenceServerClient(url=http_url, network_timeout=600)
+        self.headers = {"admin-key": admin_key} if admin_key else None
+        self.original: dict[str, dict] = {}
+        self.loaded: dict[str, dict] = {}  # what each model runs now (as built: absent)
+
+    def config(self, model: str) -> dict:
+        if model not in self.original:
+            self.original[model] = self.client.get_model_config(model)
+        return copy.deepcopy(self.original[model])
+
+    def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
+        """``values``: instances / preprocessing_instances / intra_op_threads /
+        max_queue_delay_us; ``models``: role -> served model name."""
+        for role, model in models.items():
+            config = self.config(model)
+            count = values["instances" if role != "preprocessing" else "preprocessing_instances"]
+            for group in config.get("instance_group", []):
+                group["count"] = count
+            if "dynamic_batching" in config:
+                delay = values["max_queue_delay_us"]
+                config["dynamic_batching"]["max_queue_delay_microseconds"] = delay
+            if role == "onnx":
+                threads = values["intra_op_threads"]
+                params = config.setdefault("parameters", {})
+                params["intra_op_thread_count"] = {"string_value": str(threads)}
+            if config != self.loaded.get(model, self.original[model]):  # reload what changed
+                self.client.load_model(model, headers=self.headers, config=json.dumps(config))
+                self.loaded[model] = config
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _trials(c: Candidate, cores: int, knobs: list[str]) -> list[tuple[str, dict[str, int]]]:
+    """Single changes to try on top of the current best, in order."""
+    split = max(1, cores // 2)
+    changes = [
+        (
+            "instances",
+            f"2 instances x {split} threads",
+            {"instances": 2, "intra_op_threads": split},
+        ),
+        ("delay", "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}),
+        ("preprocessing", "2 preprocessing instances", {"preprocessing_instances": 2}),
+    ]
+    if c.approach == "python":
+        changes = [("instances", "2 instances", {"instances": 2}), changes[1]]
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise OptimizeError(f"unknown tuning knobs {unknown}; choose from {', '.join(KNOBS)}")
+    return [(change, delta) for knob, change, delta in changes if knob in knobs]
+
+
+def tune(
+    url: str,
+    http_url: str,
+    admin_key: str | None,
+    c: Candidate,
+    target: bench.Target,
+    example: Any,
+    options: OptimizeRun,
+    cores: int,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, int], list[Trial]]:
+    """Greedy search from the built config: each change is measured in alternating pairs
+    against the current best and kept when its median gain is at least 3%."""
+    best = {
+        "instances": 1,
+        "preprocessing_instances": 1,
+        "intra_op_threads": 0,
+        "max_queue_delay_us": options.options.max_queue_delay_us,
+    }
+    models = {"onnx": target.steps[-1], "preprocessing": target.steps[0]}
+    if c.approach == "python":
+        models = {"python": target.model}
+    reloader = _Reloader(http_url, admin_key)
+    trials = []
+    try:
+        for change, delta in _trials(c, cores, options.tune):
+            trial = Trial(change, best | delta)
+            for pair in range(options.rounds):
+                progress(f"tuning {c.key}: {change}, pair {pair + 1}/{options.rounds}")
+                reloader.apply(trial.values, models)
+                new = _served(url, target, options.concurrency, example, options.settings)
+                reloader.apply(best, models)
+                old = _served(url, target, options.concurrency, example, options.settings)
+                if new.errors or old.errors:
+                    raise OptimizeError(f"{target.model}: requests failed while tuning")
+                trial.ratios.append(new.throughput / old.throughput)
+            trial.kept = statistics.median(trial.ratios) >= 1.03
+            if trial.kept:
+                best = trial.values
+            trials.append(trial)
+        reloader.apply(best, models)
+    finally:
+        reloader.close()
+    return best, trials
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> OptimizeReport:
+    from hf_triton.serve import Deployment
+    from hf_triton.server import ServerConfig, free_port
+
+    machine = hardware.detect()
+    progress(f"machine: {machine.describe()}")
+    ckpt = checkpoints.resolve(
+        options.checkpoint, options.revision, allow_standin=options.allow_standin
+    )
+    progress(f"weights: {ckpt.describe()}")
+    spec = ModelSpec.resolve(ckpt.path, task=options.task)
+    spec.check()
+    plan = candidates(machine, options.candidates or None)
+    root = options.workdir / "candidates"
+    repositories: list[Path] = []
+    fp32_onnx: Path | None = None
+    for c in plan:
+        if c.skipped:
+            progress(f"{c.key}: skipped ({c.skipped})")
+            continue
+        progress(f"{c.key}: building and gating")
+        repos, onnx = build_candidate(spec, c, root, fp32_onnx)
+        if c.key == YARDSTICK:
+            fp32_onnx = onnx
+        progress(f"{c.key}: " + (f"REFUSED: {c.refused}" if c.refused else c.gate or "built"))
+        repositories += repos
+    built = [c for c in plan if c.entry_model]
+    if not built:
+        raise OptimizeError("no candidate was built: " + "; ".join(c.refused for c in plan))
+
+    deployment = Deployment.prepare(
+        None, repositories=repositories, workdir=options.workdir / "serve"
+    )
+    onnx_dirs = {
+        d.name: d / "1" / "model.onnx"
+        for repo in deployment.repositories
+        for d in _onnx_model_dirs(repo)
+    }
+    config = ServerConfig(
+        [],
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        model_control="explicit",
+    )
+    server = deployment.server(config)
+    progress(f"starting Triton with {len(built)} candidates (log: {server.log_path})")
+    server.start()
+    http_url = f"127.0.0.1:{config.http_port}"
+    settings = options.settings
+    url = f"127.0.0.1:{config.grpc_port}" if settings.protocol == "grpc" else http_url
+    tuned: dict[str, int] = {}
+    trials: list[Trial] = []
+    winner = None
+    try:
+        server.wait_ready(600)
+        targets = bench.discover(http_url, [c.entry_model for c in built], onnx_dirs.get)
+        by_key = dict(zip([c.key for c in built], targets, strict=True))
+        example: Any = (
+            bench.sample_image(settings) if spec.modality == "image" else bench.sample_texts()
+        )
+        examples = [example] if spec.modality == "image" else example
+        bares = {}
+        for c in built:
+            target = by_key[c.key]
+            bares[c.key] = bare = bench.Bare(target)
+            first = examples[0]
+            fmt = "uint8" if spec.modality == "image" else "text"
+            served = bench.served_answer(
+                http_url, target, fmt, first, settings.jpeg_quality, bare.output
+            )
+            c.check = bench.check_answer(served, bare.forward(bare.feed([first])), c.precision)
+            progress(f"{c.key}: served answer {c.check}")
+        for round_ in range(options.rounds):
+            order = built[round_ % len(built) :] + built[: round_ % len(built)]
+            for c in order:
+                progress(f"round {round_ + 1}/{options.rounds}: {c.key}")
+                _measure_round(
+                    url, c, by_key[c.key], bares[c.key], examples, options.concurrency, settings
+                )
+                progress(
+                    f"  served {c.served[-1]:.2f}/s, bare {c.bare[-1]:.2f}/s; p50 at 1: "
+                    f"{c.served_p50_ms[-1]:.1f} ms (bare {c.bare_p50_ms[-1]:.1f})"
+                )
+        measured = [c for c in built if c.measured]
+        if not measured:
+            raise OptimizeError("no candidate's served answer matched its bare runtime")
+        winner = max(measured, key=lambda c: c.median(c.served))
+        progress(f"chosen: {winner.key}")
+        if options.tune:
+            tuned, trials = tune(
+                url,
+                http_url,
+                config.admin_key,
+                winner,
+                by_key[winner.key],
+                examples[0],
+                options,
+                machine.cores,
+                progress,
+            )
+    finally:
+        server.stop()
+    out_repos = write_winner(spec, ckpt.name, winner, tuned, options, root)
+    report = OptimizeReport(
+        machine,
+        ckpt.describe(),
+        plan,
+        winner,
+        tuned,
+        trials,
+        options.out,
+        out_repos,
+        "img" if spec.modality == "image" else "sentence",
+    )
+    save(report, options.out)
+    return report
+
+
+def _onnx_model_dirs(repo: Path) -> list[Path]:
+    from hf_triton.serve import onnx_models
+
+    return onnx_models(repo)
+
+
+def write_winner(
+    spec: ModelSpec,
+    checkpoint: str,
+    winner: Candidate,
+    tuned: dict[str, int],
+    options: OptimizeRun,
+    root: Path,
+) -> list[Path]:
+    """The winner's repository under ``options.out``, with the user's names and the tuned
+    config; its model.onnx is the gated one that was measured."""
+    fields = {f.name for f in dataclasses.fields(options.options)}
+    changes: dict[str, Any] = {k: v for k, v in tuned.items() if k in fields}
+    chosen = dataclasses.replace(options.options, precision=winner.precision, **changes)
+    spec = dataclasses.replace(spec, checkpoint=checkpoint)
+    out = options.out
+    for repo in ("python_model_repository", "ensemble_model_repository"):
+        shutil.rmtree(out / repo, ignore_errors=True)
+    try:
+        result = build.build(spec, out, winner.approach, chosen, export_onnx=False)
+    except precision.GateFailed as e:  # measured as passed; a second gate run cannot differ
+        raise OptimizeError(str(e)) from e
+    source = _onnx_of(root / winner.key, winner)
+    if winner.approach == "ensemble":
+        target = out / "ensemble_model_repository" / chosen.name / "1" / "model.onnx"
+        shutil.copy2(source, target)
+    return result.repositories
+
+
+def save(report: OptimizeReport, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "optimize_report.md", "json": out / "optimize_report.json"}
+    paths["md"].write_text(report.text() + "\n")
+    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    plotted = plot(report, out / "optimize_report.png")
+    if plotted:
+        paths["png"] = plotted
+    return paths
+
+
+def plot(report: OptimizeReport, path: Path) -> Path | None:
+    """Served and bare throughput per candidate, relative to fp32 bare ONNX Runtime."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    measured = [c for c in report.candidates if c.served]
+    base = report.yardstick() or 1.0
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(measured))
+    for offset, side in ((-0.2, "bare"), (0.2, "served")):
+        heights = [c.median(getattr(c, side)) / base for c in measured]
+        ax.bar([x + offset for x in xs], heights, 0.4, label=side)
+    ax.set_xticks(list(xs), [c.key for c in measured], rotation=20)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("÷ fp32 bare ONNX Runtime")
+    ax.set_title(f"{report.machine.kind}: chosen {report.winner.key if report.winner else '-'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

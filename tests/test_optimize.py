@@ -1,0 +1,140 @@
+"""`hf-triton optimize`: the machine's kind, the candidates it can run, the choice by
+measurement, tuning by reloading configs, and a written repository that serves transformers'
+numbers. No speed is asserted: the choice must be the best *measured* candidate."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from hf_triton import hardware, optimize
+from hf_triton.families import FAMILIES
+from hf_triton.optimize import OptimizeError
+
+from conftest import launch
+from helpers import run_cli
+
+AVX2 = "fpu sse sse2 avx fma avx2"
+AVX512 = f"{AVX2} avx512f avx512bw avx512vl avx512_vnni avx512_bf16"
+AMX = f"{AVX512} amx_bf16 amx_tile amx_int8"
+
+
+@pytest.mark.parametrize(
+    ("flags", "kind", "bf16"),
+    [
+        (AVX2, "AVX2", False),
+        (f"{AVX2} avx_vnni", "AVX2 + VNNI", False),
+        ("fpu sse sse2 avx fma avx2 avx512f avx512_vnni", "AVX-512 + VNNI", False),
+        (AVX512, "AVX-512 + BF16 + VNNI", True),
+        (AMX, "AMX", True),
+        ("fpu sse sse2", "no AVX2", False),
+    ],
+)
+def test_machine_kind_from_cpuinfo(flags, kind, bf16):
+    text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    cpu, parsed = hardware.parse_cpuinfo(text)
+    machine = hardware.Machine(cpu, 2, parsed)
+    assert (cpu, machine.kind, machine.bf16) == ("Some CPU", kind, bf16)
+    plan = {c.key: c.skipped for c in optimize.candidates(machine)}
+    assert bool(plan["bf16-pytorch"]) is not bf16, plan["bf16-pytorch"]
+    assert plan["fp16-pytorch"] == "fp16 needs a GPU"
+    assert not plan["int8-onnxruntime"] and not plan["fp32-pytorch"]
+
+
+def test_gpu_machine_offers_fp16_and_no_cpu_only_backend():
+    plan = {c.key: c.skipped for c in optimize.candidates(hardware.Machine("x", 8, gpu="H100"))}
+    assert not plan["fp16-pytorch"] and not plan["bf16-pytorch"]
+    assert "CPU only" in plan["int8-onnxruntime"]
+
+
+def test_unknown_candidate_is_refused():
+    with pytest.raises(OptimizeError, match="unknown candidates"):
+        optimize.candidates(hardware.detect(), ["fp64-pytorch"])
+
+
+def _instances(config: str) -> int:
+    return int(re.search(r"instance_group \[\s*\{\s*count: (\d+)", config).group(1))
+
+
+def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    checkpoint = FAMILIES["bert"].make(tmp_path / "bert-cls", "text-classification")
+    out = tmp_path / "out"
+    asked = ["int8-onnxruntime", "fp32-pytorch"]  # one per approach
+    run = run_cli(
+        "optimize",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--candidates",
+        ",".join(asked),
+        "--concurrency",
+        "2",
+        "--rounds",
+        "1",
+        "--window-s",
+        "0.5",
+        "--name",
+        "cls",
+        "--tune",
+        "instances",  # the reload path; each knob more is two reloads more
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "optimize_report.json").read_text())
+    assert report["machine"]["kind"] == hardware.detect().kind
+    by_key = {c["key"]: c for c in report["candidates"]}
+    assert list(by_key) == [key for key, *_ in optimize.CANDIDATES]
+    for key, c in by_key.items():
+        if key in asked:
+            assert c["served"] and c["bare"] and not c["refused"] and not c["skipped"], c
+            assert c["check"].startswith("ok"), c["check"]
+        else:
+            assert c["skipped"], c
+    assert "PASSED" in by_key["int8-onnxruntime"]["gate"]
+    served = {k: statistics.median(by_key[k]["served"]) for k in asked}
+    assert report["winner"] == max(served, key=served.get)
+    assert [t["change"] for t in report["trials"]], "the winner was not tuned"
+    assert all(t["ratios"] for t in report["trials"])
+    text = (out / "optimize_report.md").read_text()
+    assert "**chosen**" in text and "skipped: not asked for" in text
+
+    # The written repository carries the tuned config and serves transformers' logits.
+    winner, tuned = by_key[report["winner"]], report["tuned"]
+    if winner["approach"] == "ensemble":
+        repo = out / "ensemble_model_repository"
+        compute, entry = repo / "cls", "ensemble_model"
+    else:
+        repo = out / "python_model_repository"
+        compute, entry = repo / "python_cls", "python_cls"
+    config = (compute / "config.pbtxt").read_text()
+    assert _instances(config) == tuned["instances"]
+    assert f"max_queue_delay_microseconds: {tuned['max_queue_delay_us']}" in config
+    sentences = ["The food was great.", "Naïve café, zero stars 😞"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
+    with torch.inference_mode():
+        want = model(**tokenizer(sentences, return_tensors="pt", padding=True)).logits.numpy()
+    launched = launch([repo], tmp_path / "serve")
+    try:
+        client = httpclient.InferenceServerClient(url=launched.url)
+        data = np.array([[s.encode()] for s in sentences], dtype=object)
+        tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        got = client.infer(entry, [tensor]).as_numpy("logits")
+        client.close()
+    finally:
+        launched.stop()
+    assert got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.99, cos  # the gate's bound: the winner may be int8
+    assert (got.argmax(1) == want.argmax(1)).all()
