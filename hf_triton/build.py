@@ -56,6 +56,8 @@ class BuildOptions:
     preprocessing_instances: int = 1
     #: ONNX Runtime threads per instance (0: one per physical core).
     intra_op_threads: int = 0
+    #: Where the Python pipeline runs: KIND_CPU, or KIND_GPU (model.py moves the model there).
+    instance_kind: str = "KIND_CPU"
 
     def queue_size(self) -> int:
         return 2 * self.max_batch_size if self.max_queue_size is None else self.max_queue_size
@@ -149,13 +151,13 @@ def _batching(options: BuildOptions, comment: str) -> list[str]:
     ]
 
 
-def _instances(comment: str, count: int = 1) -> list[str]:
+def _instances(comment: str, count: int = 1, kind: str = "KIND_CPU") -> list[str]:
     return [
         *_comment(comment, ""),
         "instance_group [",
         "  {",
         f"    count: {count}",
-        "    kind: KIND_CPU",
+        f"    kind: {kind}",
         "  }",
         "]",
     ]
@@ -171,6 +173,7 @@ def _python_config(
     options,
     optional_inputs: bool,
     instances: int = 1,
+    kind: str = "KIND_CPU",
 ) -> str:
     lines = [
         *_comment(header, ""),
@@ -187,6 +190,7 @@ def _python_config(
     lines += _instances(
         "KIND_CPU here; with KIND_GPU model.py moves the model to the instance's GPU.",
         instances,
+        kind,
     )
     lines.append("")
     lines += _parameters(params)
@@ -299,6 +303,7 @@ def build(
                 options,
                 optional_inputs=len(inputs) > 1,
                 instances=options.instances,
+                kind=options.instance_kind,
             ),
             model_py,
             labels,

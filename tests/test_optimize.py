@@ -49,7 +49,11 @@ def test_machine_kind_from_cpuinfo(flags, kind, bf16):
 def test_gpu_machine_offers_fp16_and_no_cpu_only_backend():
     plan = {c.key: c.skipped for c in optimize.candidates(hardware.Machine("x", 8, gpu="H100"))}
     assert not plan["fp16-pytorch"] and not plan["bf16-pytorch"]
-    assert "CPU only" in plan["int8-onnxruntime"]
+    assert "CPU build" in plan["int8-onnxruntime"] and "CPU only" in plan["int8-pytorch"]
+    onnx = optimize.Candidate("fp32-onnxruntime", "fp32", "ensemble")
+    assert optimize._options(onnx, gpu=True).instance_kind == "KIND_CPU"
+    python = optimize.Candidate("fp16-pytorch", "fp16", "python")
+    assert optimize._options(python, gpu=True).instance_kind == "KIND_GPU"
 
 
 def test_unknown_candidate_is_refused():
