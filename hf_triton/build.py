@@ -139,12 +139,13 @@ def _batching(options: BuildOptions, comment: str) -> list[str]:
         "  # 0: a batch is whatever queued while the previous one ran; nothing waits for more\n"
         "  # (on a CPU, where compute grows with the batch, waiting only adds latency)."
         if options.max_queue_delay_us == 0
-        else ""
+        else "  # Waits this long for more requests: fewer, larger calls (hf-triton optimize\n"
+        "  # measures whether that pays; it does where a call's fixed cost dominates)."
     )
     return [
         *_comment(comment, ""),
         "dynamic_batching {",
-        *([delay] if delay else []),
+        delay,
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         *(policy if queue else []),
         "}",

@@ -142,3 +142,25 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cos.min() >= 0.99, cos  # the gate's bound: the winner may be int8
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_fused_graph_is_exact_and_fused(tmp_path):
+    """The fused candidate: ONNX Runtime's transformer fusions on a real BERT export, same
+    inputs, same numbers as the unfused graph."""
+    import onnxruntime as ort
+
+    from hf_triton import export
+    from hf_triton.spec import ModelSpec
+
+    checkpoint = FAMILIES["bert"].make(tmp_path / "bert", "text-classification")
+    spec = ModelSpec.resolve(checkpoint)
+    plain, fused = tmp_path / "plain.onnx", tmp_path / "fused.onnx"
+    export.export_onnx(spec, plain)
+    operators = optimize.fuse_onnx(spec, plain, fused)
+    assert operators.get("Attention") and operators.get("SkipLayerNormalization"), operators
+    feed = spec.encode(["A short one.", "Naïve café, a longer sentence with more tokens."])
+    want, got = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for p in (plain, fused)
+    )
+    np.testing.assert_allclose(got, want, atol=1e-4)
