@@ -448,7 +448,7 @@ def _request(target: Target, fmt: str, example: Any, quality: int) -> tuple[str,
     return (*FORMATS[fmt], request_tensor(example, fmt, quality))
 
 
-async def _bench_served_one(
+async def bench_served(
     url: str, target: Target, fmt: str, conc: int, example: Any, settings: BenchSettings
 ) -> Result:
     module, client = _client(settings.protocol, url)
@@ -950,9 +950,7 @@ def _measure_targets(
             for conc in settings.concurrency:
                 progress(f"{target.model} {fmt} concurrency {conc}")
                 before = _statistics(http_url, target.steps) if conc == 1 else None
-                result = asyncio.run(
-                    _bench_served_one(url, target, fmt, conc, examples[0], settings)
-                )
+                result = asyncio.run(bench_served(url, target, fmt, conc, examples[0], settings))
                 if before is not None:
                     after = _statistics(http_url, target.steps)
                     done = after[target.steps[-1]]["count"] - before[target.steps[-1]]["count"]
@@ -994,10 +992,10 @@ def _tax(
         progress(f"serving tax of {target.model}, round {round_ + 1}/{settings.tax_rounds}")
         b_top = bench_bare(bare, examples, batch, quick)
         s_top = asyncio.run(
-            _bench_served_one(url, target, top.input_format, top.concurrency, examples[0], quick)
+            bench_served(url, target, top.input_format, top.concurrency, examples[0], quick)
         )
         b_one = bench_bare(bare, examples, 1, quick)
-        s_one = asyncio.run(_bench_served_one(url, target, top.input_format, 1, examples[0], quick))
+        s_one = asyncio.run(bench_served(url, target, top.input_format, 1, examples[0], quick))
         tax.ratios.append(s_top.throughput / b_top.throughput)
         tax.added_p50_ms.append(s_one.p50_ms - b_one.p50_ms)
     return tax

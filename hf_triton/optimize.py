@@ -289,7 +289,7 @@ class OptimizeReport:
 
 def _served(url: str, target: bench.Target, conc: int, example: Any, s: bench.BenchSettings):
     fmt = "uint8" if target.modality == "image" else "text"
-    return asyncio.run(bench._bench_served_one(url, target, fmt, conc, example, s))
+    return asyncio.run(bench.bench_served(url, target, fmt, conc, example, s))
 
 
 def _measure_round(
@@ -405,13 +405,18 @@ def tune(
             trial = Trial(change, best | delta)
             for pair in range(options.rounds):
                 progress(f"tuning {c.key}: {change}, pair {pair + 1}/{options.rounds}")
-                reloader.apply(trial.values, models)
-                new = _served(url, target, options.concurrency, example, options.settings)
-                reloader.apply(best, models)
-                old = _served(url, target, options.concurrency, example, options.settings)
-                if new.errors or old.errors:
+                measured = {}
+                sides = [("new", trial.values), ("old", best)]
+                if pair % 2:  # which side goes first alternates: neither always runs warm
+                    sides.reverse()
+                for side, values in sides:
+                    reloader.apply(values, models)
+                    measured[side] = _served(
+                        url, target, options.concurrency, example, options.settings
+                    )
+                if measured["new"].errors or measured["old"].errors:
                     raise OptimizeError(f"{target.model}: requests failed while tuning")
-                trial.ratios.append(new.throughput / old.throughput)
+                trial.ratios.append(measured["new"].throughput / measured["old"].throughput)
             trial.kept = min(trial.ratios) > 1.0 and statistics.median(trial.ratios) >= 1.03
             if trial.kept:
                 best = trial.values
