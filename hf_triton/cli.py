@@ -106,6 +106,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress():
+    """Progress lines stamped with the seconds since the command started."""
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
+
+    return progress
+
+
 def _bench(args: argparse.Namespace) -> int:
     from hf_triton import bench
 
@@ -133,12 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
             tax_rounds=args.tax_rounds,
         ),
     )
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
-
-    result = bench.run(options, progress)
+    result = bench.run(options, _progress())
     machine = result.machine
     print(
         f"\nMachine: {machine['cpu']}, {machine['cores']} cores, {machine['kind']}; "
@@ -181,12 +186,7 @@ def _optimize(args: argparse.Namespace) -> int:
     )
     options.settings.window_s = args.window_s
     options.settings.warmup_s = min(options.settings.warmup_s, args.window_s)
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
-
-    report = optimize.run(options, progress)
+    report = optimize.run(options, _progress())
     print("\n" + report.text())
     print(f"\nReport: {args.out / 'optimize_report.md'} (json, png beside it)")
     return 0
