@@ -59,7 +59,6 @@ FORMATS = {
     "jpeg": ("image_bytes", "BYTES"),
 }
 TEXT_FORMAT = ("text", "BYTES")
-MODELS = ("python_vit", "ensemble_model")
 
 #: What "no serving tax" means, in one place: (measure, comparison, bound).
 TARGETS = {

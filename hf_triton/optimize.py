@@ -106,7 +106,7 @@ def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> li
         elif machine.gpu and approach == "ensemble":
             c.skipped = "the ONNX Runtime installed here is its CPU build (onnxruntime-gpu: CUDA)"
         elif machine.gpu and prec == "int8":
-            c.skipped = "PyTorch's dynamic int8 runs on the CPU only; on this machine, the GPU"
+            c.skipped = "PyTorch's dynamic int8 runs on the CPU only (the GPU runs fp16/bf16)"
         out.append(c)
     return out
 
@@ -287,9 +287,13 @@ class OptimizeReport:
         }
 
 
+def _format(target: bench.Target) -> str:
+    """What optimize sends: uint8 pixels (no decode, a quarter of fp32) or text."""
+    return "uint8" if target.modality == "image" else "text"
+
+
 def _served(url: str, target: bench.Target, conc: int, example: Any, s: bench.BenchSettings):
-    fmt = "uint8" if target.modality == "image" else "text"
-    return asyncio.run(bench.bench_served(url, target, fmt, conc, example, s))
+    return asyncio.run(bench.bench_served(url, target, _format(target), conc, example, s))
 
 
 def _measure_round(
@@ -355,6 +359,12 @@ class _Reloader:
         self.client.close()
 
 
+def check_knobs(knobs: list[str]) -> None:
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise OptimizeError(f"unknown tuning knobs {unknown}; choose from {', '.join(KNOBS)}")
+
+
 def _trials(c: Candidate, cores: int, knobs: list[str]) -> list[tuple[str, dict[str, int]]]:
     """Single changes to try on top of the current best, in order."""
     split = max(1, cores // 2)
@@ -369,9 +379,7 @@ def _trials(c: Candidate, cores: int, knobs: list[str]) -> list[tuple[str, dict[
     ]
     if c.approach == "python":
         changes = [("instances", "2 instances", {"instances": 2}), changes[1]]
-    unknown = sorted(set(knobs) - set(KNOBS))
-    if unknown:
-        raise OptimizeError(f"unknown tuning knobs {unknown}; choose from {', '.join(KNOBS)}")
+    check_knobs(knobs)
     return [(change, delta) for knob, change, delta in changes if knob in knobs]
 
 
@@ -431,9 +439,10 @@ def tune(
 
 
 def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> OptimizeReport:
-    from hf_triton.serve import Deployment
+    from hf_triton.serve import Deployment, onnx_models
     from hf_triton.server import ServerConfig, free_port
 
+    check_knobs(options.tune)  # before minutes of building, not after
     machine = hardware.detect()
     progress(f"machine: {machine.describe()}")
     ckpt = checkpoints.resolve(
@@ -458,7 +467,9 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
         repositories += repos
     built = [c for c in plan if c.entry_model]
     if not built:
-        raise OptimizeError("no candidate was built: " + "; ".join(c.refused for c in plan))
+        asked = [c for c in plan if not c.skipped.startswith("not asked")]
+        reasons = "; ".join(f"{c.key}: {c.refused or c.skipped}" for c in asked)
+        raise OptimizeError(f"no candidate was built ({reasons}); pass --candidates to choose")
 
     deployment = Deployment.prepare(
         None, repositories=repositories, workdir=options.workdir / "serve"
@@ -466,7 +477,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
     onnx_dirs = {
         d.name: d / "1" / "model.onnx"
         for repo in deployment.repositories
-        for d in _onnx_model_dirs(repo)
+        for d in onnx_models(repo)
     }
     config = ServerConfig(
         [],
@@ -488,18 +499,16 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
         server.wait_ready(600)
         targets = bench.discover(http_url, [c.entry_model for c in built], onnx_dirs.get)
         by_key = dict(zip([c.key for c in built], targets, strict=True))
-        example: Any = (
-            bench.sample_image(settings) if spec.modality == "image" else bench.sample_texts()
+        examples: list[Any] = (
+            [bench.sample_image(settings)] if spec.modality == "image" else bench.sample_texts()
         )
-        examples = [example] if spec.modality == "image" else example
+        first = examples[0]
         bares = {}
         for c in built:
             target = by_key[c.key]
             bares[c.key] = bare = bench.Bare(target)
-            first = examples[0]
-            fmt = "uint8" if spec.modality == "image" else "text"
             served = bench.served_answer(
-                http_url, target, fmt, first, settings.jpeg_quality, bare.output
+                http_url, target, _format(target), first, settings.jpeg_quality, bare.output
             )
             c.check = bench.check_answer(served, bare.forward(bare.feed([first])), c.precision)
             progress(f"{c.key}: served answer {c.check}")
@@ -526,7 +535,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
                 config.admin_key,
                 winner,
                 by_key[winner.key],
-                examples[0],
+                first,
                 options,
                 machine.cores,
                 progress,
@@ -547,12 +556,6 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
     )
     save(report, options.out)
     return report
-
-
-def _onnx_model_dirs(repo: Path) -> list[Path]:
-    from hf_triton.serve import onnx_models
-
-    return onnx_models(repo)
 
 
 def write_winner(
@@ -581,10 +584,9 @@ def write_winner(
         result = build.build(spec, out, winner.approach, chosen, export_onnx=False)
     except precision.GateFailed as e:  # measured as passed; a second gate run cannot differ
         raise OptimizeError(str(e)) from e
-    source = _onnx_of(root / winner.key, winner)
     if winner.approach == "ensemble":
         target = out / "ensemble_model_repository" / chosen.name / "1" / "model.onnx"
-        shutil.copy2(source, target)
+        shutil.copy2(_onnx_of(root / winner.key, winner), target)
     return result.repositories
 
 
