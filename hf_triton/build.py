@@ -8,6 +8,7 @@ writes
     out/ensemble_model_repository/preprocessing/{config.pbtxt, 1/model.py}
     out/ensemble_model_repository/<name>/{config.pbtxt, 1/model.onnx[, labels.txt]}
     out/ensemble_model_repository/ensemble_model/{config.pbtxt, 1/, [labels.txt]}
+    out/ensemble_model_repository/postprocessing/{config.pbtxt, 1/model.py}  (token tasks)
 
 from one table per task (:mod:`hf_triton.tasks`) and one generic model.py per modality
 (``templates/vision_model.py``, ``templates/text_model.py``). The tutorial's repositories
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from hf_triton import export, precision, tasks
 from hf_triton.spec import ModelSpec
-from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS, Task, Tensor
+from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS, TOKEN_OFFSETS, Task, Tensor
+from hf_triton.templates.hf_common import AGGREGATION_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class BuildOptions:
     max_queue_size: int | None = None
     queue_timeout_ms: int = 10_000
     preprocessing_name: str = "preprocessing"
+    postprocessing_name: str = "postprocessing"
     ensemble_name: str = "ensemble_model"
     revision: str = ""
     precision: str = "fp32"  # fp32 | bf16 | int8 | fp16 (see hf_triton.precision)
@@ -58,6 +61,10 @@ class BuildOptions:
     intra_op_threads: int = 0
     #: Where the Python pipeline runs: KIND_CPU, or KIND_GPU (model.py moves the model there).
     instance_kind: str = "KIND_CPU"
+    #: Token classification: how tokens become entities (transformers' AggregationStrategy;
+    #: a request may override it with the parameter of the same name) and labels left out.
+    aggregation_strategy: str = "simple"
+    ignore_labels: tuple[str, ...] = ("O",)
 
     def queue_size(self) -> int:
         return 2 * self.max_batch_size if self.max_queue_size is None else self.max_queue_size
@@ -241,6 +248,23 @@ def _modality_params(spec: ModelSpec) -> list[tuple[str, str, str]]:
     ]
 
 
+def _entity_params(options: BuildOptions) -> list[tuple[str, str, str]]:
+    return [
+        (
+            "aggregation_strategy",
+            options.aggregation_strategy,
+            "How tokens become entities, as transformers' pipeline: "
+            f"{', '.join(AGGREGATION_STRATEGIES)}.\n"
+            "A request may pass its own as the request parameter of the same name.",
+        ),
+        (
+            "ignore_labels",
+            ",".join(options.ignore_labels),
+            "Labels never reported (comma-separated).",
+        ),
+    ]
+
+
 # -- the build ----------------------------------------------------------------------------
 
 
@@ -261,11 +285,16 @@ def build(
         raise tasks.UnsupportedModel(f"approach must be one of {APPROACHES}, got {approach!r}")
     options = options or BuildOptions()
     _check_names(options)
+    if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
+        raise tasks.UnsupportedModel(
+            f"aggregation strategy {options.aggregation_strategy!r}: one of "
+            f"{', '.join(AGGREGATION_STRATEGIES)}"
+        )
     spec.check()
     task = spec.task
     result = BuildResult(task)
     labels = spec.labels
-    outputs = spec.outputs
+    outputs = spec.served_outputs
     inputs = IMAGE_INPUTS if task.modality == "image" else TEXT_INPUTS
     params = _checkpoint_params(spec, options)
     model_py = MODEL_PY[task.modality]
@@ -289,6 +318,7 @@ def build(
                 "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
                 '(README, "Precision").',
             ),
+            *(_entity_params(options) if spec.postprocessed else []),
         ]
         step = "image processor" if task.modality == "image" else "tokenizer"
         header = f"Approach 1: the whole pipeline ({step} + model) in one Python-backend model."
@@ -319,6 +349,8 @@ def build(
             mid = [Tensor("pixel_values", "TYPE_FP32", spec.pixel_dims)]
         else:
             mid = [Tensor(n, "TYPE_INT64", (-1,)) for n in spec.inputs]
+        # A post-processing step also needs the tokens' character offsets and the text.
+        extra = list(TOKEN_OFFSETS) if spec.postprocessed else []
         pre_header = (
             "Ensemble step 1: the checkpoint's "
             f"{'image processor' if task.modality == 'image' else 'tokenizer'}, "
@@ -331,7 +363,7 @@ def build(
                 pre_header,
                 task,
                 inputs,
-                mid,
+                mid + extra,
                 params,
                 options,
                 optional_inputs=len(inputs) > 1,
@@ -342,7 +374,31 @@ def build(
         )
         onnx_dir = repo / options.name
         _write_onnx_config(onnx_dir, options, labels)
-        _write_ensemble(repo / options.ensemble_name, options, inputs, mid, outputs, labels)
+        steps = [
+            (options.preprocessing_name, list(inputs), mid + extra),
+            (options.name, mid, spec.outputs),
+        ]
+        if spec.postprocessed:
+            post_inputs = [*inputs, *(t for t in mid if t.name == "input_ids"), *extra]
+            post_inputs += spec.outputs
+            _write_model(
+                repo / options.postprocessing_name,
+                _python_config(
+                    options.postprocessing_name,
+                    "Ensemble step 3: the model's per-token logits -> entities, with the "
+                    "tokenizer's offsets and the text.",
+                    task,
+                    post_inputs,
+                    outputs,
+                    params + _entity_params(options),
+                    options,
+                    optional_inputs=False,
+                ),
+                model_py,
+                None,
+            )
+            steps.append((options.postprocessing_name, post_inputs, outputs))
+        _write_ensemble(repo / options.ensemble_name, options, inputs, outputs, steps, labels)
         if export_onnx:
             target = onnx_dir / "1" / "model.onnx"
             if options.precision == "fp32":
@@ -362,6 +418,8 @@ def build(
                     variant.unlink(missing_ok=True)
         result.repositories.append(repo)
         result.models += [options.preprocessing_name, options.name, options.ensemble_name]
+        if spec.postprocessed:
+            result.models.append(options.postprocessing_name)
         result.entry_models.append(options.ensemble_name)
     return result
 
@@ -374,6 +432,7 @@ def _check_names(options: BuildOptions) -> None:
     for flag, value in (
         ("--name", options.name),
         ("--preprocessing-name", options.preprocessing_name),
+        ("--postprocessing-name", options.postprocessing_name),
         ("--ensemble-name", options.ensemble_name),
     ):
         if not _NAME.fullmatch(value):
@@ -444,13 +503,22 @@ def _write_onnx_config(model_dir: Path, options: BuildOptions, labels: list[str]
 
 
 def _write_ensemble(
-    model_dir: Path, options: BuildOptions, inputs, mid, outputs, labels: list[str] | None
+    model_dir: Path,
+    options: BuildOptions,
+    inputs,
+    outputs,
+    steps: list[tuple[str, list[Tensor], list[Tensor]]],
+    labels: list[str] | None,
 ) -> None:
+    """``steps``: (model, its inputs, its outputs); every tensor keeps its name end to end."""
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "1" / ".gitkeep").touch()
+    chain = " -> ".join(
+        f"{name} ({'model.onnx, ONNX Runtime' if name == options.name else 'Python backend'})"
+        for name, _, _ in steps
+    )
     lines = [
-        f"# Approach 2: {inputs[0].name} -> {options.preprocessing_name} (Python backend) -> "
-        f"{options.name} (model.onnx, ONNX Runtime).",
+        f"# Approach 2: {inputs[0].name} -> {chain}.",
         f'name: "{options.ensemble_name}"',
         'platform: "ensemble"',
         "# No larger than any step's: the ONNX model gets default-max-batch-size (the launcher",
@@ -462,21 +530,17 @@ def _write_ensemble(
         "",
         "ensemble_scheduling {",
         "  step [",
-        "    {",
-        f'      model_name: "{options.preprocessing_name}"',
-        "      model_version: -1",
-        *[f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in inputs],
-        *[f'      output_map {{ key: "{t.name}" value: "{t.name}" }}' for t in mid],
-        "    },",
-        "    {",
-        f'      model_name: "{options.name}"',
-        "      model_version: -1",
-        *[f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in mid],
-        *[f'      output_map {{ key: "{t.name}" value: "{t.name}" }}' for t in outputs],
-        "    }",
-        "  ]",
-        "}",
     ]
+    for i, (name, step_inputs, step_outputs) in enumerate(steps):
+        lines += [
+            "    {",
+            f'      model_name: "{name}"',
+            "      model_version: -1",
+            *[f'      input_map {{ key: "{t.name}" value: "{t.name}" }}' for t in step_inputs],
+            *[f'      output_map {{ key: "{t.name}" value: "{t.name}" }}' for t in step_outputs],
+            "    }," if i < len(steps) - 1 else "    }",
+        ]
+    lines += ["  ]", "}"]
     (model_dir / "config.pbtxt").write_text("\n".join(lines) + "\n")
     if labels:
         (model_dir / LABELS).write_text("\n".join(labels) + "\n")

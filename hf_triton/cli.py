@@ -276,8 +276,11 @@ def _build(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         revision=args.revision or "",
         preprocessing_name=args.preprocessing_name,
+        postprocessing_name=args.postprocessing_name,
         ensemble_name=args.ensemble_name,
         precision=args.precision,
+        aggregation_strategy=args.aggregation_strategy,
+        ignore_labels=tuple(x for x in args.ignore_labels.split(",") if x),
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
@@ -422,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: from the checkpoint's architectures; one of "
         "image-feature-extraction, image-classification, text-feature-extraction, "
-        "text-classification",
+        "text-classification, token-classification",
     )
     bu.add_argument("--approach", choices=["python", "ensemble", "both"], default="both")
     bu.add_argument(
@@ -431,7 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name: python_NAME and NAME (the ONNX model); default: vit",
     )
     bu.add_argument("--preprocessing-name", default="preprocessing")
+    bu.add_argument(
+        "--postprocessing-name",
+        default="postprocessing",
+        help="token classification: the ensemble's logits -> entities step",
+    )
     bu.add_argument("--ensemble-name", default="ensemble_model")
+    bu.add_argument(
+        "--aggregation-strategy",
+        choices=["none", "simple", "first", "average", "max"],
+        default="simple",
+        help="token classification: how tokens become entities, as transformers' pipeline "
+        "(default: %(default)s; a request may pass its own as a parameter)",
+    )
+    bu.add_argument(
+        "--ignore-labels",
+        default="O",
+        help="token classification: comma-separated labels never reported (default: O)",
+    )
     bu.add_argument("--out", type=Path, default=Path("."), help="where the repositories go")
     bu.add_argument("--max-batch-size", type=int, default=8)
     bu.add_argument(

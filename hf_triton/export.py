@@ -88,7 +88,9 @@ def export_onnx(
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in spec.inputs}
     if spec.modality == "image":
         axes = {n: {0: "batch_size"} for n in spec.inputs}
-    axes |= {n: {0: "batch_size"} for n in names}
+    for t in spec.outputs:  # per-token outputs (batch, sequence, labels) keep both variable
+        per_token = spec.modality == "text" and len(t.dims) >= 2
+        axes[t.name] = {0: "batch_size", 1: "sequence_length"} if per_token else {0: "batch_size"}
     example = tuple(torch.from_numpy(a) for a in spec.sample(2, 0).values())
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
     os.close(fd)

@@ -41,6 +41,10 @@ from typing import Any
 #: Labels of the classification heads (the tasks' ``id2label``).
 IMAGE_LABELS: Mapping[int, str] = MappingProxyType({0: "cat", 1: "dog", 2: "bird"})
 TEXT_LABELS: Mapping[int, str] = MappingProxyType({0: "NEGATIVE", 1: "POSITIVE"})
+#: Token classification (NER): IOB2 tags as CoNLL-2003 checkpoints name them.
+NER_LABELS: Mapping[int, str] = MappingProxyType(
+    dict(enumerate(("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")))
+)
 
 #: Sizes shared by the text families: hidden 32, 2 layers x 2 heads, FFN 64.
 TEXT_HIDDEN = 32
@@ -168,6 +172,8 @@ class Family:
         config = self._build_config(task, preprocessor)
         if task.endswith("-classification"):
             labels = IMAGE_LABELS if self.modality == "image" else TEXT_LABELS
+            if task == "token-classification":
+                labels = NER_LABELS
             config.id2label = dict(labels)
             config.label2id = {label: i for i, label in labels.items()}
         model_class = getattr(transformers, self.models[task])
@@ -175,6 +181,11 @@ class Family:
         model = model_class(config).eval()
         if self._init_weights is not None:
             self._init_weights(model)
+        if task == "token-classification":
+            # Random heads give near-uniform tag scores, where any rounding flips a label;
+            # a wider head gives confident, varied tags (entities, B- and I- runs, "O" gaps).
+            with torch.no_grad():
+                model.classifier.weight.mul_(40.0)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(path)
@@ -663,7 +674,7 @@ def _clip_config(task: str, _processor: Any) -> Any:
 # --------------------------------------------------------------------------- the tables
 
 _IMAGE = ("image-feature-extraction", "image-classification")
-_TEXT = ("text-feature-extraction", "text-classification")
+_TEXT = ("text-feature-extraction", "text-classification", "token-classification")
 
 
 def _image(
@@ -703,7 +714,11 @@ def _text(
     build_tokenizer: Callable[[], Any],
     build_config: Callable[[str, Any], Any],
 ) -> Family:
-    classes = (f"{prefix}Model", f"{prefix}ForSequenceClassification")
+    classes = (
+        f"{prefix}Model",
+        f"{prefix}ForSequenceClassification",
+        f"{prefix}ForTokenClassification",
+    )
     models = dict(zip(_TEXT, classes, strict=True))
     return Family(
         name,

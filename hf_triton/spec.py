@@ -195,9 +195,10 @@ class ModelSpec:
                 f"{self.checkpoint}: {type(self.model).__name__} fails on its own "
                 f"{type(self.preprocessor).__name__}'s output: {type(e).__name__}: {e}"
             ) from e
-        wanted = [t.name for t in self.task.outputs]
+        computed = self.task.model_outputs or self.task.outputs
+        wanted = [t.name for t in computed]
         produced = [n for n in wanted if getattr(out, n, None) is not None]
-        required = [t.name for t in self.task.outputs if t.name != "pooler_output"]
+        required = [t.name for t in computed if t.name != "pooler_output"]
         missing = [n for n in required if n not in produced]
         if missing:
             raise UnsupportedModel(
@@ -208,18 +209,33 @@ class ModelSpec:
 
     @cached_property
     def outputs(self) -> list[Tensor]:
-        """The output tensors (batch dimension excluded; every other dimension variable)."""
+        """What the model computes (and model.onnx outputs): batch dimension excluded, every
+        other dimension variable. See :attr:`served_outputs` for what clients get."""
         import torch
 
         sample = self.sample(2, 0)
         with torch.inference_mode():
             out = self.module(*(torch.from_numpy(a) for a in sample.values()))
-        declared = {t.name: t for t in self.task.outputs}
+        declared = {t.name: t for t in self.task.model_outputs or self.task.outputs}
         names = ["sentence_embedding"] if self.pooling is not None else self._raw_output_names
         return [
             Tensor(n, declared[n].data_type, (-1,) * (t.dim() - 1), labels=declared[n].labels)
             for n, t in zip(names, out, strict=True)
         ]
+
+    @property
+    def served_outputs(self) -> list[Tensor]:
+        """What clients get: the model's outputs, or the post-processing step's (entities)."""
+        return list(self.task.outputs) if self.task.model_outputs else self.outputs
+
+    @property
+    def postprocessed(self) -> bool:
+        """True when a post-processing step turns the model's outputs into the served ones."""
+        return bool(self.task.model_outputs)
+
+    @cached_property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in (self.config.get("id2label") or {}).items()}
 
     def sample(self, batch: int, seed: int) -> dict[str, np.ndarray]:
         """Random model inputs of ``batch`` rows: what export traces and validation compares.
@@ -255,6 +271,14 @@ class ModelSpec:
             raise UnsupportedModel(
                 f"{self.checkpoint}: task {self.task.name} needs id2label in config.json"
             )
+        if self.task.name == "token-classification":
+            if not self.id2label:
+                raise UnsupportedModel(f"{self.checkpoint}: {self.task.name} needs id2label")
+            if not getattr(self.preprocessor, "is_fast", False):
+                raise UnsupportedModel(
+                    f"{self.checkpoint}: {self.task.name} needs a fast tokenizer (character "
+                    f"offsets); {type(self.preprocessor).__name__} is not one"
+                )
         if self.modality == "text":
             produced = set(self.preprocessor(_PROBE_TEXT).keys())
             for name in ("input_ids", "attention_mask"):

@@ -30,8 +30,11 @@ class Tensor:
 class Task:
     name: str
     modality: str  # "image" or "text": which generic model.py and which preprocessing
-    outputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]  # what clients get
     description: str
+    #: What the model itself computes, when the served outputs come from a post-processing
+    #: step (token classification: per-token logits -> entities); empty: the outputs.
+    model_outputs: tuple[Tensor, ...] = ()
 
     @property
     def auto_class(self) -> str:
@@ -90,14 +93,36 @@ TASKS: dict[str, Task] = {
             (Tensor("logits", "TYPE_FP32", (-1,), labels=True),),
             "text -> logits; top-k labels through Triton's classification extension",
         ),
+        Task(
+            "token-classification",
+            "text",
+            (
+                Tensor(
+                    "entities",
+                    "TYPE_STRING",
+                    (1,),
+                    "One JSON list per text: what transformers' token-classification pipeline\n"
+                    "returns (entity or entity_group, score, word, start, end[, index]).",
+                ),
+            ),
+            "text -> entities with character offsets (named-entity recognition), grouped by "
+            "the aggregation_strategy parameter as transformers' pipeline does",
+            model_outputs=(Tensor("logits", "TYPE_FP32", (-1, -1)),),
+        ),
     )
 }
+#: What the tokenizer step hands the post-processing step besides the model's inputs.
+TOKEN_OFFSETS = (
+    Tensor("offset_mapping", "TYPE_INT64", (-1, 2)),
+    Tensor("special_tokens_mask", "TYPE_INT64", (-1,)),
+)
 
 #: Architecture name suffix -> task. "...Model" depends on the modality (below).
 ARCHITECTURE_SUFFIXES = {
     "ForImageClassification": "image-classification",
     "ForImageClassificationWithTeacher": "image-classification",  # distilled DeiT
     "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
     "Model": None,
 }
 #: Config keys that only vision models have.
@@ -125,7 +150,8 @@ def infer_task(config: dict[str, Any]) -> str:
                 return task
     raise UnsupportedModel(
         f"Cannot serve architectures {architectures or '(none listed)'}: supported are "
-        f"*Model (feature extraction), *ForImageClassification, *ForSequenceClassification. "
+        "*Model (feature extraction), *ForImageClassification, *ForSequenceClassification, "
+        "*ForTokenClassification. "
         f"Supported tasks: {', '.join(TASKS)} (pass --task to choose)."
     )
 

@@ -7,7 +7,13 @@ One file, two roles, told apart by the outputs declared in config.pbtxt:
   sentence-transformers modules say; mean pooling otherwise) or ``logits`` (classification);
 * preprocessing (ensemble_model_repository): tokenizer only; outputs are the model's
   inputs (``input_ids``, ``attention_mask``, and ``token_type_ids`` when the model takes them),
-  fed to model.onnx.
+  fed to model.onnx (plus ``offset_mapping`` and ``special_tokens_mask`` for token tasks);
+* postprocessing (token classification's third ensemble step): inputs ``text``, ``input_ids``,
+  the offsets and model.onnx's per-token ``logits``; output ``entities``.
+
+Token classification outputs ``entities``: one JSON list per text, the entities transformers'
+token-classification pipeline reports (``hf_common.TokenEntities``), grouped by the config's
+``aggregation_strategy`` or the request parameter of that name.
 
 Input ``text``: BYTES, one UTF-8 text per batch item. config.pbtxt is the source of truth:
 tensor names and dtypes, the checkpoint, revision, task and ``max_length``. Depends on numpy,
@@ -22,6 +28,8 @@ import triton_python_backend_utils as pb_utils
 from hf_common import BadInput, ModelError
 
 TEXT = "text"
+#: What the tokenizer step adds for a post-processing step: where each token is in the text.
+OFFSETS = ("offset_mapping", "special_tokens_mask")
 
 
 def _decode(index, item):
@@ -56,10 +64,8 @@ class TritonPythonModel:
             raise ModelError("config.pbtxt needs parameter 'checkpoint' (hub id or directory)")
         revision = params.get("revision") or None
         task = params.get("task", "text-feature-extraction")
-        if task not in hf_common.MODEL_CLASSES or not task.startswith("text"):
-            raise ModelError(
-                f"task {task!r} is not a text task of {sorted(hf_common.MODEL_CLASSES)}"
-            )
+        if task not in hf_common.TEXT_TASKS:
+            raise ModelError(f"task {task!r} is not a text task of {list(hf_common.TEXT_TASKS)}")
         self.max_length = int(params.get("max_length") or 512)
         self.truncate = params.get("truncation", "true").lower() == "true"
         self.output_names = [o["name"] for o in config["output"]]
@@ -73,16 +79,34 @@ class TritonPythonModel:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(local)
         self.model = None
         self.pooling = None
+        self.entities = None
+        input_names = [i["name"] for i in config["input"]]
         precision = params.get("precision", "fp32")
-        if not set(self.output_names) <= set(hf_common.TOKENIZER_OUTPUTS):
+        if task == "token-classification":
+            label_config = transformers.AutoConfig.from_pretrained(local)
+            self.strategy = params.get("aggregation_strategy") or "simple"
+            ignore = tuple(x for x in params.get("ignore_labels", "O").split(",") if x)
+            # Built per strategy on first use; this one checks the parameters at load.
+            self.entities = {
+                self.strategy: hf_common.TokenEntities(
+                    self.tokenizer, label_config.id2label, self.strategy, ignore
+                )
+            }
+            self._entity_args = (label_config.id2label, ignore)
+        if "logits" in input_names:
+            role = "postprocessing: logits -> entities"
+            if self.entities is None:
+                raise ModelError(f"inputs {input_names}: a logits input needs token-classification")
+        elif not set(self.output_names) <= set(hf_common.TOKENIZER_OUTPUTS + OFFSETS):
             auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
             model = auto.from_pretrained(local).to(self.device).eval()
             self.model_inputs = hf_common.model_inputs(model, self.tokenizer)
             self.model, _ = hf_common.apply_precision(model, precision, self.device)
             if task == "text-feature-extraction":
                 self.pooling = hf_common.Pooling.from_checkpoint(local).to(self.device)
+            role = f"tokenizer + {type(self.model).__name__} in {precision}"
         else:
-            produced = set(self.tokenizer("probe").keys())
+            produced = set(self.tokenizer("probe").keys()) | set(OFFSETS)
             missing = [n for n in self.output_names if n not in produced]
             if missing:
                 raise ModelError(
@@ -90,18 +114,61 @@ class TritonPythonModel:
                     f"{type(self.tokenizer).__name__} does not produce; it produces "
                     f"{sorted(produced)}"
                 )
-
-        role = "tokenizer only"
-        if self.model is not None:
-            role = f"tokenizer + {type(self.model).__name__} in {precision}"
+            role = "tokenizer only"
+        self.postprocess_only = "logits" in input_names
         pooling = f", pooling {self.pooling.describe()}" if self.pooling else ""
+        if self.entities is not None:
+            pooling += f", aggregation {self.strategy}"
         pb_utils.Logger.log_info(
             f"{self.name}: {role}, task {task}, checkpoint {checkpoint} "
             f"({hf_common.weights_note(local)}), max_length {self.max_length}{pooling}, "
             f"device {self.device}"
         )
 
+    def _strategy(self, request):
+        """The request's aggregation_strategy parameter, else the config's."""
+        if self.entities is None:
+            return None
+        raw = request.parameters() if hasattr(request, "parameters") else "{}"
+        strategy = json.loads(raw or "{}").get("aggregation_strategy", self.strategy)
+        if strategy not in self.entities:
+            if strategy not in hf_common.AGGREGATION_STRATEGIES:
+                raise BadInput(
+                    f"parameter aggregation_strategy {strategy!r}: one of "
+                    f"{', '.join(hf_common.AGGREGATION_STRATEGIES)}"
+                )
+            self.entities[strategy] = hf_common.TokenEntities(
+                self.tokenizer, self._entity_args[0], strategy, self._entity_args[1]
+            )
+        return strategy
+
+    def _postprocess_items(self, request):
+        """One (text, strategy, ids, offsets, special mask, logits) per row of a request."""
+
+        def get(name):
+            return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+        texts = [_decode(i, t) for i, t in enumerate(get(TEXT).reshape(-1))]
+        strategy = self._strategy(request)
+        ids, offsets, special, logits = (
+            get(n) for n in ("input_ids", "offset_mapping", "special_tokens_mask", "logits")
+        )
+        return [
+            (text, strategy, ids[j], offsets[j], special[j], logits[j])
+            for j, text in enumerate(texts)
+        ]
+
+    def _entities(self, rows):
+        """{"entities": (N, 1) JSON per text} from per-row (text, strategy, arrays...)."""
+        out = np.empty((len(rows), 1), dtype=object)
+        for j, (text, strategy, *arrays) in enumerate(rows):
+            found = self.entities[strategy](text, *arrays)
+            out[j, 0] = json.dumps(found, ensure_ascii=False).encode("utf-8")
+        return {"entities": out}
+
     def _texts(self, request):
+        if self.postprocess_only:
+            return self._postprocess_items(request)
         tensor = pb_utils.get_input_tensor_by_name(request, TEXT)
         items = tensor.as_numpy().reshape(-1)
         texts = [_decode(i, item) for i, item in enumerate(items)]
@@ -113,9 +180,15 @@ class TritonPythonModel:
                         f"input '{TEXT}'[{i}]: {n} tokens, the model takes at most "
                         f"{self.max_length}"
                     )
+        if self.entities is not None:  # each text carries its request's strategy
+            strategy = self._strategy(request)
+            return [(text, strategy) for text in texts]
         return texts
 
-    def _run(self, texts):
+    def _run(self, items):
+        if self.postprocess_only:
+            return self._entities(items)
+        texts = [t[0] for t in items] if self.entities is not None else items
         # One tokenizer call and one forward pass for every text of every request.
         encoded = self.tokenizer(
             texts,
@@ -123,6 +196,8 @@ class TritonPythonModel:
             truncation=self.truncate,
             max_length=self.max_length,
             return_tensors="np",
+            return_offsets_mapping=self.entities is not None,
+            return_special_tokens_mask=self.entities is not None,
         )
         if self.model is None:
             return {name: encoded[name].astype(np.int64) for name in self.output_names}
@@ -131,6 +206,13 @@ class TritonPythonModel:
         feed = {k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs}
         with torch.inference_mode():
             out = self.model(**feed)
+        if self.entities is not None:
+            logits = out.logits.float().cpu().numpy()
+            rows = [
+                (text, strategy, *(encoded[n][j] for n in ("input_ids", *OFFSETS)), logits[j])
+                for j, (text, strategy) in enumerate(items)
+            ]
+            return self._entities(rows)
         if self.pooling is None:
             return {"logits": out.logits.float().cpu().numpy()}
         mask = torch.from_numpy(encoded["attention_mask"]).to(self.device)
