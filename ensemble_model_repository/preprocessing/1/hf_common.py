@@ -24,7 +24,11 @@ MODEL_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
     "text-feature-extraction": "AutoModel",
     "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
 }
+
+#: The tasks text_model.py serves.
+TEXT_TASKS = ("text-feature-extraction", "text-classification", "token-classification")
 
 #: What a tokenizer may produce that an encoder takes, in the order the ONNX graph lists them.
 TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -145,6 +149,139 @@ def model_inputs(model, tokenizer):
     if getattr(model.config, "type_vocab_size", None) == 0:
         produced.discard("token_type_ids")  # DeBERTa-v3: the embedding ignores them
     return [n for n in TOKENIZER_OUTPUTS if n in accepted and n in produced]
+
+
+# -- token classification --------------------------------------------------------------------
+
+#: How per-token predictions become entities: transformers' ``AggregationStrategy`` values.
+AGGREGATION_STRATEGIES = ("none", "simple", "first", "average", "max")
+
+
+class TokenEntities:
+    """Per-token logits -> the entities transformers' token-classification pipeline reports.
+
+    ``none``: one entry per token (``entity``, ``score``, ``index``, ``word``, ``start``,
+    ``end``); ``simple``: adjacent tokens of one entity type merged (``entity_group`` and the
+    mean score); ``first`` / ``average`` / ``max``: the tokens of a word first agree on one
+    label (the first token's, the mean scores', the most confident token's), then words merge
+    as in ``simple``. A ``B-`` tag starts a new entity; labels in ``ignore_labels`` are dropped.
+    Offsets are characters of the text as received. Needs a fast tokenizer (offsets).
+    """
+
+    def __init__(self, tokenizer, id2label, strategy="simple", ignore_labels=("O",)):
+        if strategy not in AGGREGATION_STRATEGIES:
+            raise ModelError(
+                f"aggregation_strategy {strategy!r}: one of {', '.join(AGGREGATION_STRATEGIES)}"
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelError(
+                f"token classification needs a fast tokenizer (character offsets); "
+                f"{type(tokenizer).__name__} is not one"
+            )
+        self.tokenizer = tokenizer
+        self.labels = {int(k): str(v) for k, v in id2label.items()}
+        self.strategy = strategy
+        self.ignore = set(ignore_labels)
+        backend = getattr(getattr(tokenizer, "_tokenizer", None), "model", None)
+        # WordPiece marks a word's later pieces ("##s"): a piece longer in text than as a token
+        # continues a word. Others (BPE, Unigram) fall back to "no space before it".
+        self.marks_subwords = bool(getattr(backend, "continuing_subword_prefix", None))
+
+    def __call__(self, text, input_ids, offsets, special_mask, logits):
+        """Entities of one text; arrays are that text's rows (padding is marked special)."""
+        logits = np.asarray(logits, dtype=np.float32)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs = shifted / shifted.sum(axis=-1, keepdims=True)
+        tokens = []
+        for i, (token_id, (start, end), special) in enumerate(
+            zip(input_ids, offsets, special_mask, strict=True)
+        ):
+            if special:
+                continue
+            token_id, start, end = int(token_id), int(start), int(end)
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            span = text[start:end]
+            if token_id == self.tokenizer.unk_token_id:
+                piece, continues = span, False
+            elif self.marks_subwords:
+                continues = len(piece) != len(span)
+            else:
+                continues = start > 0 and " " not in text[start - 1 : start + 1]
+            tokens.append((i, piece, probs[i], start, end, continues))
+
+        if self.strategy in ("none", "simple"):
+            found = [
+                {
+                    "entity": self.labels[int(p.argmax())],
+                    "score": p[p.argmax()],
+                    "index": i,
+                    "word": piece,
+                    "start": start,
+                    "end": end,
+                }
+                for i, piece, p, start, end, _ in tokens
+            ]
+        else:
+            found = [self._word(w) for w in self._words(tokens)]
+        if self.strategy != "none":
+            found = [self._group(g) for g in self._runs(found)]
+        return [
+            {**e, "score": float(e["score"])}
+            for e in found
+            if e.get("entity", e.get("entity_group")) not in self.ignore
+        ]
+
+    @staticmethod
+    def _words(tokens):
+        words: list = []
+        for token in tokens:
+            if words and token[5]:
+                words[-1].append(token)
+            else:
+                words.append([token])
+        return words
+
+    def _word(self, word):
+        if self.strategy == "first":
+            p = word[0][2]
+        elif self.strategy == "max":
+            p = max((t[2] for t in word), key=lambda q: q.max())
+        else:  # average
+            p = np.nanmean(np.stack([t[2] for t in word]), axis=0)
+        best = int(p.argmax())
+        return {
+            "entity": self.labels[best],
+            "score": p[best],
+            "word": self.tokenizer.convert_tokens_to_string([t[1] for t in word]),
+            "start": word[0][3],
+            "end": word[-1][4],
+        }
+
+    @staticmethod
+    def _tag(label):
+        """("B" | "I", entity type); a label without a B-/I- prefix continues."""
+        if label[:2] in ("B-", "I-"):
+            return label[0], label[2:]
+        return "I", label
+
+    def _runs(self, entities):
+        runs: list = []
+        for e in entities:
+            bio, kind = self._tag(e["entity"])
+            if runs and bio != "B" and self._tag(runs[-1][-1]["entity"])[1] == kind:
+                runs[-1].append(e)
+            else:
+                runs.append([e])
+        return runs
+
+    def _group(self, run):
+        return {
+            "entity_group": run[0]["entity"].split("-", 1)[-1],
+            "score": np.nanmean([e["score"] for e in run]),
+            "word": self.tokenizer.convert_tokens_to_string([e["word"] for e in run]),
+            "start": run[0]["start"],
+            "end": run[-1]["end"],
+        }
 
 
 #: sentence-transformers' pooling modes, in the order it concatenates them.
