@@ -13,6 +13,7 @@ the server or the model is not there or the reply is malformed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -108,8 +109,15 @@ def infer(
     return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
 
 
-def infer_text(url: str, model_name: str, texts: list[str], timeout_s: float = 60.0) -> dict:
-    """One HTTP request with a batch of texts (the ``text`` BYTES input)."""
+def infer_text(
+    url: str,
+    model_name: str,
+    texts: list[str],
+    timeout_s: float = 60.0,
+    parameters: dict | None = None,
+) -> dict:
+    """One HTTP request with a batch of texts (the ``text`` BYTES input); ``parameters`` go
+    with the request (token classification reads ``aggregation_strategy``)."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -129,7 +137,7 @@ def infer_text(url: str, model_name: str, texts: list[str], timeout_s: float = 6
     tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
     try:
-        result = client.infer(model_name, [tensor])
+        result = client.infer(model_name, [tensor], parameters=parameters or None)
     except InferenceServerException as e:
         raise SystemExit(f"error: inference failed: {e.message()}") from e
     return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
@@ -175,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=None,
         help="send text instead of an image (repeatable: one batch; with a sentence-embedding "
-        "model, prints the cosine similarity of each pair)",
+        "model, prints the cosine similarity of each pair; with a token-classification "
+        "model, the entities)",
+    )
+    parser.add_argument(
+        "--aggregation-strategy",
+        choices=["none", "simple", "first", "average", "max"],
+        default=None,
+        help="token classification: how tokens become entities (default: the model's config)",
     )
     args = parser.parse_args(argv)
     if args.text:
@@ -213,7 +228,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_text(args: argparse.Namespace) -> int:
     print(f"Sending {len(args.text)} text(s) to '{args.model_name}' at {args.url}")
-    outputs = infer_text(args.url, args.model_name, args.text)
+    parameters = {}
+    if args.aggregation_strategy:
+        parameters["aggregation_strategy"] = args.aggregation_strategy
+    outputs = infer_text(args.url, args.model_name, args.text, parameters=parameters)
+    entities = outputs.pop("entities", None)
+    if entities is not None:
+        # One JSON list per text: plain json.loads, no project code needed.
+        for text, row in zip(args.text, entities.reshape(-1), strict=True):
+            found = json.loads(row)
+            print(f"{text!r}: {len(found)} entities")
+            for e in found:
+                label = e.get("entity_group", e.get("entity"))
+                print(
+                    f"  {label:<8} {e['score']:.3f}  [{e['start']}:{e['end']}] "
+                    f"{text[e['start'] : e['end']]!r}"
+                )
     for name, value in outputs.items():
         print(f"{name}: shape {tuple(value.shape)} {value.dtype}")
         if not np.isfinite(value).all() or value.shape[0] != len(args.text):

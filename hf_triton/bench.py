@@ -468,7 +468,13 @@ async def bench_served(
 
 
 def served_answer(
-    url: str, target: Target, fmt: str, example: Any, quality: int, output: str
+    url: str,
+    target: Target,
+    fmt: str,
+    example: Any,
+    quality: int,
+    output: str,
+    parameters: dict[str, str] | None = None,
 ) -> np.ndarray:
     """The served model's ``output`` for one example."""
     import tritonclient.http as httpclient
@@ -478,10 +484,40 @@ def served_answer(
     try:
         tensor = httpclient.InferInput(name, list(data.shape), dtype)
         tensor.set_data_from_numpy(data)
-        result = client.infer(target.model, [tensor])
+        result = client.infer(target.model, [tensor], parameters=parameters)
         return result.as_numpy(output)
     finally:
         client.close()
+
+
+def check_entities(served: bytes, bare: Bare, text: str) -> str:
+    """Token classification: the served entities (per token, aggregation "none") against the
+    bare runtime's logits for the same text: same tokens, labels and offsets, scores within
+    the fp32 export's bound."""
+    import json
+
+    from hf_triton.templates.hf_common import TokenEntities
+
+    tok = bare.spec.preprocessor
+    enc = tok(
+        [text],
+        truncation=True,
+        max_length=bare.spec.max_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_tensors="np",
+    )
+    logits = bare.forward({n: enc[n].astype(np.int64) for n in bare.spec.inputs})[0]
+    entities = TokenEntities(tok, bare.spec.id2label, "none", ())
+    want = entities(
+        text, enc["input_ids"][0], enc["offset_mapping"][0], enc["special_tokens_mask"][0], logits
+    )
+    got = json.loads(served)
+    key = [(e["entity"], e["start"], e["end"]) for e in got]
+    if key != [(e["entity"], e["start"], e["end"]) for e in want]:
+        return f"MISMATCH (labels or offsets differ over {len(want)} tokens)"
+    diff = max((abs(a["score"] - b["score"]) for a, b in zip(got, want, strict=True)), default=0)
+    return f"{'ok' if diff <= 1e-3 else 'MISMATCH'} ({len(want)} token labels, |score| {diff:.1e})"
 
 
 def check_answer(served: np.ndarray, bare: np.ndarray, precision: str) -> str:
@@ -941,10 +977,24 @@ def _measure_targets(
             check = ""
             if bare is not None:
                 example = _decoded(examples[0], fmt, settings.jpeg_quality)
-                served = served_answer(
-                    http_url, target, fmt, examples[0], settings.jpeg_quality, bare.output
-                )
-                check = check_answer(served, bare.forward(bare.feed([example])), target.precision)
+                if bare.spec.postprocessed:
+                    served = served_answer(
+                        http_url,
+                        target,
+                        fmt,
+                        examples[0],
+                        0,
+                        "entities",
+                        {"aggregation_strategy": "none"},
+                    )
+                    check = check_entities(served.reshape(-1)[0], bare, example)
+                else:
+                    served = served_answer(
+                        http_url, target, fmt, examples[0], settings.jpeg_quality, bare.output
+                    )
+                    check = check_answer(
+                        served, bare.forward(bare.feed([example])), target.precision
+                    )
                 progress(f"{target.model} {fmt}: answer {check}")
             for conc in settings.concurrency:
                 progress(f"{target.model} {fmt} concurrency {conc}")

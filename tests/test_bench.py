@@ -94,6 +94,28 @@ def test_benchmark_text_model(text_server, tmp_path):
     assert served and served[0]["check"].startswith("ok") and served[0]["tokens_per_item"] > 5
 
 
+def test_benchmark_token_classification(text_server, tmp_path):
+    """Entities served by the Python pipeline, checked against the bare PyTorch model's logits
+    turned into per-token entities (labels, offsets, scores)."""
+    run = run_bench(
+        "--url",
+        text_server.url,
+        "--protocol",
+        "http",
+        "--models",
+        "python_bertner",
+        "--concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    served = [r for r in rows if r["name"] == "python_bertner"]
+    assert served and served[0]["check"].startswith("ok ("), served
+    assert "token labels" in served[0]["check"]
+
+
 def test_benchmark_over_http(server, tmp_path):
     """The async HTTP load generator, on one model and format."""
     run = run_bench(
