@@ -9,6 +9,8 @@ reason); one Triton server then serves every repository, and each served model i
   ``transformers.image_utils.load_image`` (two real photos and odd encodings: EXIF-rotated
   JPEG, 16-bit PNG, RGBA, palette, CMYK, grayscale), sent as the files' own bytes;
 * classification: ``transformers.pipeline(...)``, every label's score;
+* token classification (NER): ``pipeline("token-classification")`` with each aggregation
+  strategy: every entity's label, word and character offsets, and its score;
 * sentence embeddings: ``sentence_transformers.SentenceTransformer`` loaded from the same
   directory, for every pooling mode, Dense and Normalize modules, on sentences with Unicode,
   emoji, surrounding whitespace and more tokens than the model takes;
@@ -32,6 +34,7 @@ import numpy as np
 
 from hf_triton import families
 from hf_triton.errors import HfTritonError
+from hf_triton.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +121,18 @@ class Report:
 
     def summary_markdown(self) -> str:
         """One line per family: every task's verdict for both approaches (the README's table)."""
-        tasks = ("feature-extraction", "classification")
+        tasks = ("feature-extraction", "classification", "token-classification")
         lines = [
             "| family | as on the hub | preprocessing | features: python / ensemble | "
-            "classification: python / ensemble |",
-            "|---|---|---|---|---|",
+            "classification: python / ensemble | NER: python / ensemble |",
+            "|---|---|---|---|---|---|",
         ]
         seen: dict[str, dict[str, dict[str, Row]]] = {}
         for r in self.rows:
             plain = r.reference.startswith(_DEFAULT_REFERENCES) or r.family.startswith("all-")
             name = r.family if plain else f"{r.family}: {r.reference}"
-            cell = seen.setdefault(name, {}).setdefault(r.task.split("-", 1)[1], {})
+            column = r.task if r.task == "token-classification" else r.task.split("-", 1)[1]
+            cell = seen.setdefault(name, {}).setdefault(column, {})
             cell[r.approach] = r
 
         def verdict(rows: dict[str, Row]) -> str:
@@ -258,6 +262,9 @@ QUICK_CLASSIFICATION = (
     "bert",
     "modernbert",
 )
+#: ``--quick`` token classification: ModernBERT (byte-level BPE: words found by the "no space
+#: before it" rule). BERT's (WordPiece "##" pieces) runs in the test suite's own text server.
+QUICK_TOKEN_CLASSIFICATION = ("modernbert",)
 
 
 def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
@@ -268,14 +275,18 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
         if selected and family.name not in selected:
             continue
         for task in family.tasks:
-            if (
-                quick
-                and task.endswith("classification")
-                and family.name not in QUICK_CLASSIFICATION
-            ):
+            quick_set = (
+                QUICK_TOKEN_CLASSIFICATION
+                if task == "token-classification"
+                else QUICK_CLASSIFICATION
+            )
+            if quick and task.endswith("classification") and family.name not in quick_set:
                 continue
             short = family.name.replace("-", "")
-            stem = f"{short}_{'fe' if task.endswith('feature-extraction') else 'cls'}"
+            kind = {"token-classification": "ner"}.get(
+                task, "fe" if task.endswith("feature-extraction") else "cls"
+            )
+            stem = f"{short}_{kind}"
 
             def make(root: Path, family=family, task=task) -> Path:
                 path = family.make(root / "hf", task)
@@ -288,6 +299,7 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
                 "image-classification": "pipeline('image-classification')",
                 "text-feature-extraction": "SentenceTransformer (mean, Normalize)",
                 "text-classification": "pipeline('text-classification')",
+                "token-classification": "pipeline('token-classification')",
             }[task]
             out.append(Case(family.name, task, stem, make, reference))
     if not selected or "bert" in selected:
@@ -354,6 +366,7 @@ def _build(case: Case, root: Path) -> list[Path]:
     options = build.BuildOptions(
         name=case.name,
         preprocessing_name=f"{case.name}_pre",
+        postprocessing_name=f"{case.name}_post",
         ensemble_name=f"ensemble_{case.name}",
     )
     try:
@@ -487,6 +500,80 @@ def judge_scores(
     return row
 
 
+def _check_entities(case: Case, url: str) -> list[Row]:
+    import transformers
+    import tritonclient.http as httpclient
+
+    from hf_triton.templates.hf_common import AGGREGATION_STRATEGIES
+
+    model = transformers.AutoModelForTokenClassification.from_pretrained(str(case.checkpoint))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(case.checkpoint))
+    # The pipeline truncates at the tokenizer's model_max_length: make it the served one.
+    tokenizer.model_max_length = _served_max_length(url, f"python_{case.name}")
+    data = np.array([[s.encode()] for s in SENTENCES], dtype=object)
+    client = httpclient.InferenceServerClient(url=url, network_timeout=300)
+    rows = []
+    try:
+        for approach in APPROACHES:
+            got, want = [], []
+            for strategy in AGGREGATION_STRATEGIES:
+                pipe = transformers.pipeline(
+                    "token-classification",
+                    model=model,
+                    tokenizer=tokenizer,
+                    aggregation_strategy=strategy,
+                )
+                tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+                tensor.set_data_from_numpy(data)
+                result = client.infer(
+                    f"{approach}_{case.name}",
+                    [tensor],
+                    parameters={"aggregation_strategy": strategy},
+                )
+                got += [json.loads(b) for b in result.as_numpy("entities").reshape(-1)]
+                want += [pipe(s) for s in SENTENCES]
+            row = judge_entities(got, want, ATOL[approach])
+            rows.append(_label(row, case, approach, f"{len(SENTENCES)} texts x 5 strategies"))
+    finally:
+        client.close()
+    return rows
+
+
+def judge_entities(got: list[list[dict]], want: list[list[dict]], atol: float) -> Row:
+    """Served entities against the pipeline's, text by text: the same entities (label or
+    group, word, start, end, index) in the same order, and every score within ``atol``."""
+    row = Row("", "", "", "", "max |score diff|", bound=atol)
+    if len(got) != len(want):
+        row.note = f"{len(got)} answers for {len(want)} texts"
+        return row
+
+    def plain(entities: list[dict]) -> list[dict]:
+        return [
+            {k: v if isinstance(v, str) else int(v) for k, v in e.items() if k != "score"}
+            for e in entities
+        ]
+
+    diff, differ, count = 0.0, 0, 0
+    for served, expected in zip(got, want, strict=True):
+        count += len(expected)
+        if plain(served) != plain(expected):
+            differ += 1
+            continue
+        diff = max(
+            [
+                diff,
+                *(
+                    abs(a["score"] - float(b["score"]))
+                    for a, b in zip(served, expected, strict=True)
+                ),
+            ]
+        )
+    row.value = diff
+    row.verdict = "pass" if not differ and diff <= atol else "FAIL"
+    row.note = f"{count} entities equal" if not differ else f"entities DIFFER for {differ} texts"
+    return row
+
+
 def _served_max_length(url: str, model: str) -> int:
     import tritonclient.http as httpclient
 
@@ -537,6 +624,8 @@ def check(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
             return _check_image_features(case, url, images)
         if case.task == "text-feature-extraction":
             return _check_sentence_embeddings(case, url)
+        if case.task == "token-classification":
+            return _check_entities(case, url)
         return _check_classification(case, url, images)
     except Exception as e:  # a case that errors is a failed row, the matrix goes on
         log.exception("%s %s", case.family, case.task)
@@ -563,7 +652,7 @@ def run(
     all_cases = cases(selected, quick)
     images = test_images()
     for modality in ("image", "text"):
-        wave = [c for c in all_cases if c.task.startswith(modality)]
+        wave = [c for c in all_cases if TASKS[c.task].modality == modality]
         if wave:
             report.rows += _wave(wave, out, images, progress, ready_timeout_s)
     report.seconds = time.monotonic() - started
@@ -588,7 +677,7 @@ def _wave(
             progress(f"  refused: {case.refused}")
     rows: list[Row] = []
     if repositories:
-        workdir = out / "work" / wave[0].task.split("-")[0]
+        workdir = out / "work" / TASKS[wave[0].task].modality
         deployment = Deployment.prepare(None, repositories=repositories, workdir=workdir)
         config = ServerConfig(
             [], http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()

@@ -1,7 +1,7 @@
 """The conformance matrix as users run it (`hf-triton conformance --quick`): every model
-family's features and one family per kind of classification head, both approaches, served by
-real servers and judged by references this project did not write (transformers' pipelines,
-the families' processors and models, sentence-transformers). `hf-triton conformance` without
+family's features, one family per kind of classification head and ModernBERT's NER, both
+approaches, served by real servers and judged by references this project did not write
+(transformers' pipelines, the families' processors and models, sentence-transformers). `hf-triton conformance` without
 --quick runs classification for every family too (the README's table).
 """
 
@@ -50,10 +50,12 @@ def test_matrix_covers_every_family_and_task(matrix):
     covered = {(r["family"], r["task"]) for r in rows}
     for family in families.FAMILIES.values():
         for task in family.tasks:
-            if (
-                task.endswith("feature-extraction")
-                or family.name in conformance.QUICK_CLASSIFICATION
-            ):
+            quick = (
+                conformance.QUICK_TOKEN_CLASSIFICATION
+                if task == "token-classification"
+                else conformance.QUICK_CLASSIFICATION
+            )
+            if task.endswith("feature-extraction") or family.name in quick:
                 assert (family.name, task) in covered
     table = (out / "conformance.md").read_text()
     assert "| family | task | approach |" in table and "all-MiniLM-L6-v2" in table
@@ -98,4 +100,14 @@ def test_judges_fail_what_differs():
     assert (
         conformance.judge_scores(good + [[-0.01, 0.01]], pipeline_answer, labels, 1e-4).verdict
         == "FAIL"
+    )
+
+    entity = {"entity_group": "PER", "score": 0.9, "word": "angela", "start": 0, "end": 6}
+    want_entities = [[entity, {**entity, "entity_group": "LOC", "start": 7, "end": 13}]]
+    assert conformance.judge_entities(want_entities, want_entities, 1e-4).verdict == "pass"
+    for change in ({"end": 5}, {"entity_group": "ORG"}, {"word": "angel"}, {"score": 0.9002}):
+        near = [[{**entity, **change}, want_entities[0][1]]]
+        assert conformance.judge_entities(near, want_entities, 1e-4).verdict == "FAIL", change
+    assert conformance.judge_entities([want_entities[0][:1]], want_entities, 1e-4).verdict == (
+        "FAIL"
     )
