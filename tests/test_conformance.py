@@ -1,8 +1,9 @@
 """The conformance matrix as users run it (`hf-triton conformance --quick`): every model
 family's features, one family per kind of classification head and ModernBERT's NER, both
 approaches, served by real servers and judged by references this project did not write
-(transformers' pipelines, the families' processors and models, sentence-transformers). `hf-triton conformance` without
---quick runs classification for every family too (the README's table).
+(transformers' pipelines, the families' processors and models, sentence-transformers).
+`hf-triton conformance` without --quick runs classification and NER for every family too (the
+README's table).
 """
 
 from __future__ import annotations

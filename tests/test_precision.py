@@ -113,6 +113,41 @@ def test_calibrated_int8_quantises_every_matmul(tmp_path):
     )
 
 
+def test_token_classification_gate_compares_each_tokens_label(tmp_path):
+    """NER: the gate judges every real token (label agreement + cosine of its logits), so a
+    variant that keeps the sentence-level picture but flips tokens' labels is refused."""
+    from hf_triton.families import FAMILIES
+
+    ckpt = FAMILIES["bert"].make(tmp_path / "ner", "token-classification")
+    spec = ModelSpec.resolve(ckpt)
+    report = precision.gate_python(spec, "int8")
+    tokens = int(spec.encode(precision.eval_sentences())["attention_mask"].sum())
+    assert report.unit == "tokens" and report.examples == tokens
+    assert report.passed and report.top1_agreement is not None, report.summary()
+    assert f"on {tokens} tokens" in report.summary()
+
+    def swapped(chunk):  # labels 1 and 2 exchanged on every token: same norms, other labels
+        rows = precision._per_example(spec, chunk, _logits(spec, chunk))
+        return rows[:, [0, 2, 1, *range(3, rows.shape[1])]]
+
+    with pytest.raises(precision.GateFailed, match="REFUSED"):
+        precision.gate(
+            "int8",
+            lambda chunk: precision._per_example(spec, chunk, _logits(spec, chunk)),
+            swapped,
+            precision.eval_sentences()[:16],
+            classifier=True,
+        )
+
+
+def _logits(spec: ModelSpec, chunk: list[str]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        feed = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
+        return spec.module(*feed)[0].numpy()
+
+
 def test_broken_variant_fails_the_gate(small_vit, tmp_path):
     """A deliberately damaged int8 model must be refused: the gate can fail."""
     from hf_triton.export import export_onnx
