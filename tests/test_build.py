@@ -28,6 +28,7 @@ from conftest import TINY_VIT
         ),
         ({"architectures": ["BertModel"], "vocab_size": 10}, "text-feature-extraction"),
         ({"architectures": ["DistilBertForSequenceClassification"]}, "text-classification"),
+        ({"architectures": ["XLMRobertaForTokenClassification"]}, "token-classification"),
     ],
 )
 def test_task_inferred_from_architectures(config, task):
@@ -41,6 +42,33 @@ def test_unsupported_architecture_lists_what_is_supported():
         assert name in str(err.value)
     with pytest.raises(tasks.UnsupportedModel, match="supported tasks"):
         tasks.get_task("translation")
+
+
+def test_token_classification_ensemble_has_a_postprocessing_step(tmp_path):
+    """NER: tokenizer (+ offsets) -> model.onnx (logits) -> postprocessing (entities); an
+    unknown aggregation strategy is refused before anything is written."""
+    ckpt = families.FAMILIES["distilbert"].make(tmp_path / "ner", "token-classification")
+    spec = ModelSpec.resolve(ckpt)
+    with pytest.raises(tasks.UnsupportedModel, match="aggregation strategy 'longest'"):
+        build(spec, tmp_path / "bad", options=BuildOptions(aggregation_strategy="longest"))
+    assert not (tmp_path / "bad").exists()
+    result = build(spec, tmp_path / "out", options=BuildOptions(name="ner"), export_onnx=False)
+    assert result.models == [
+        "python_ner",
+        "preprocessing",
+        "ner",
+        "ensemble_model",
+        "postprocessing",
+    ]
+    ensemble = (tmp_path / "out/ensemble_model_repository/ensemble_model/config.pbtxt").read_text()
+    steps = [line.split('"')[1] for line in ensemble.splitlines() if "model_name:" in line]
+    assert steps == ["preprocessing", "ner", "postprocessing"]
+    post = (tmp_path / "out/ensemble_model_repository/postprocessing/config.pbtxt").read_text()
+    for name in ("text", "input_ids", "offset_mapping", "special_tokens_mask", "logits"):
+        assert f'name: "{name}"' in post
+    assert 'key: "aggregation_strategy"' in post and 'string_value: "simple"' in post
+    # DistilBERT takes no token_type_ids: neither the ONNX step nor the tokenizer step has them.
+    assert "token_type_ids" not in ensemble
 
 
 def test_tutorial_repositories_are_the_build_output(tmp_path, monkeypatch):
