@@ -490,6 +490,18 @@ def served_answer(
         client.close()
 
 
+def verify(http_url: str, target: Target, fmt: str, example: Any, quality: int, bare: Bare) -> str:
+    """One served answer against the bare runtime's on the same input: "ok (...)" or
+    "MISMATCH (...)" (tensors by cosine; token classification's entities token by token)."""
+    if bare.spec.postprocessed:
+        params = {"aggregation_strategy": "none"}
+        served = served_answer(http_url, target, fmt, example, quality, "entities", params)
+        return check_entities(served.reshape(-1)[0], bare, example)
+    served = served_answer(http_url, target, fmt, example, quality, bare.output)
+    decoded = _decoded(example, fmt, quality)
+    return check_answer(served, bare.forward(bare.feed([decoded])), target.precision)
+
+
 def check_entities(served: bytes, bare: Bare, text: str) -> str:
     """Token classification: the served entities (per token, aggregation "none") against the
     bare runtime's logits for the same text: same tokens, labels and offsets, scores within
@@ -976,25 +988,7 @@ def _measure_targets(
         for fmt in target.formats(settings.formats):
             check = ""
             if bare is not None:
-                example = _decoded(examples[0], fmt, settings.jpeg_quality)
-                if bare.spec.postprocessed:
-                    served = served_answer(
-                        http_url,
-                        target,
-                        fmt,
-                        examples[0],
-                        0,
-                        "entities",
-                        {"aggregation_strategy": "none"},
-                    )
-                    check = check_entities(served.reshape(-1)[0], bare, example)
-                else:
-                    served = served_answer(
-                        http_url, target, fmt, examples[0], settings.jpeg_quality, bare.output
-                    )
-                    check = check_answer(
-                        served, bare.forward(bare.feed([example])), target.precision
-                    )
+                check = verify(http_url, target, fmt, examples[0], settings.jpeg_quality, bare)
                 progress(f"{target.model} {fmt}: answer {check}")
             for conc in settings.concurrency:
                 progress(f"{target.model} {fmt} concurrency {conc}")

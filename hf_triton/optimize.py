@@ -507,10 +507,9 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
         for c in built:
             target = by_key[c.key]
             bares[c.key] = bare = bench.Bare(target)
-            served = bench.served_answer(
-                http_url, target, _format(target), first, settings.jpeg_quality, bare.output
+            c.check = bench.verify(
+                http_url, target, _format(target), first, settings.jpeg_quality, bare
             )
-            c.check = bench.check_answer(served, bare.forward(bare.feed([first])), c.precision)
             progress(f"{c.key}: served answer {c.check}")
         for round_ in range(options.rounds):
             order = built[round_ % len(built) :] + built[: round_ % len(built)]
