@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hf_triton import export, precision, tasks
 from hf_triton.spec import ModelSpec
-from hf_triton.tasks import IMAGE_INPUTS, TEXT_INPUTS, TOKEN_OFFSETS, Task, Tensor
+from hf_triton.tasks import IMAGE_INPUTS, IMAGE_SIZES, TEXT_INPUTS, TOKEN_OFFSETS, Task, Tensor
 from hf_triton.templates.hf_common import AGGREGATION_STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class BuildOptions:
     #: a request may override it with the parameter of the same name) and labels left out.
     aggregation_strategy: str = "simple"
     ignore_labels: tuple[str, ...] = ("O",)
+    #: Object detection: the score a detection needs (the pipeline's default) and how many of
+    #: the best to keep (0: all); a request may pass its own as parameters of the same names.
+    threshold: float = 0.5
+    top_k: int = 0
 
     def queue_size(self) -> int:
         return 2 * self.max_batch_size if self.max_queue_size is None else self.max_queue_size
@@ -248,7 +252,23 @@ def _modality_params(spec: ModelSpec) -> list[tuple[str, str, str]]:
     ]
 
 
-def _entity_params(options: BuildOptions) -> list[tuple[str, str, str]]:
+def _postprocessing_params(spec: ModelSpec, options: BuildOptions) -> list[tuple[str, str, str]]:
+    """The post-processing step's settings (token classification or object detection)."""
+    if not spec.postprocessed:
+        return []
+    if spec.modality == "image":
+        return [
+            (
+                "threshold",
+                repr(float(options.threshold)),
+                "Score a detection needs (0..1). A request may pass its own as a parameter.",
+            ),
+            (
+                "top_k",
+                str(options.top_k),
+                "Keep the k best detections, highest first (0: every one above the threshold).",
+            ),
+        ]
     return [
         (
             "aggregation_strategy",
@@ -285,6 +305,10 @@ def build(
         raise tasks.UnsupportedModel(f"approach must be one of {APPROACHES}, got {approach!r}")
     options = options or BuildOptions()
     _check_names(options)
+    if not 0.0 <= options.threshold <= 1.0 or options.top_k < 0:
+        raise tasks.UnsupportedModel(
+            f"threshold {options.threshold} must be in [0, 1] and top_k {options.top_k} >= 0"
+        )
     if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise tasks.UnsupportedModel(
             f"aggregation strategy {options.aggregation_strategy!r}: one of "
@@ -318,7 +342,7 @@ def build(
                 "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
                 '(README, "Precision").',
             ),
-            *(_entity_params(options) if spec.postprocessed else []),
+            *_postprocessing_params(spec, options),
         ]
         step = "image processor" if task.modality == "image" else "tokenizer"
         header = f"Approach 1: the whole pipeline ({step} + model) in one Python-backend model."
@@ -350,7 +374,11 @@ def build(
         else:
             mid = [Tensor(n, "TYPE_INT64", (-1,)) for n in spec.inputs]
         # A post-processing step also needs the tokens' character offsets and the text.
-        extra = list(TOKEN_OFFSETS) if spec.postprocessed else []
+        # A post-processing step also needs where each token is in the text, or each image's
+        # own size (boxes are mapped back to it).
+        extra = []
+        if spec.postprocessed:
+            extra = list(TOKEN_OFFSETS if task.modality == "text" else IMAGE_SIZES)
         pre_header = (
             "Ensemble step 1: the checkpoint's "
             f"{'image processor' if task.modality == 'image' else 'tokenizer'}, "
@@ -379,18 +407,28 @@ def build(
             (options.name, mid, spec.outputs),
         ]
         if spec.postprocessed:
-            post_inputs = [*inputs, *(t for t in mid if t.name == "input_ids"), *extra]
+            if task.modality == "text":
+                post_inputs = [*inputs, *(t for t in mid if t.name == "input_ids"), *extra]
+                header = (
+                    "Ensemble step 3: the model's per-token logits -> entities, with the "
+                    "tokenizer's offsets and the text."
+                )
+            else:
+                post_inputs = list(extra)
+                header = (
+                    "Ensemble step 3: the model's logits and boxes -> detections in each "
+                    "image's own pixels (the processor's post_process_object_detection)."
+                )
             post_inputs += spec.outputs
             _write_model(
                 repo / options.postprocessing_name,
                 _python_config(
                     options.postprocessing_name,
-                    "Ensemble step 3: the model's per-token logits -> entities, with the "
-                    "tokenizer's offsets and the text.",
+                    header,
                     task,
                     post_inputs,
                     outputs,
-                    params + _entity_params(options),
+                    params + _postprocessing_params(spec, options),
                     options,
                     optional_inputs=False,
                 ),

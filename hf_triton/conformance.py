@@ -11,6 +11,9 @@ reason); one Triton server then serves every repository, and each served model i
 * classification: ``transformers.pipeline(...)``, every label's score;
 * token classification (NER): ``pipeline("token-classification")`` with each aggregation
   strategy: every entity's label, word and character offsets, and its score;
+* object detection: ``pipeline("object-detection")`` on every test image, all sent in one
+  request (sizes differ, one is EXIF-rotated): every detection's label, its box in the image's
+  own pixels, and its score, at two thresholds and with ``top_k``;
 * sentence embeddings: ``sentence_transformers.SentenceTransformer`` loaded from the same
   directory, for every pooling mode, Dense and Normalize modules, on sentences with Unicode,
   emoji, surrounding whitespace and more tokens than the model takes;
@@ -121,17 +124,20 @@ class Report:
 
     def summary_markdown(self) -> str:
         """One line per family: every task's verdict for both approaches (the README's table)."""
-        tasks = ("feature-extraction", "classification", "token-classification")
+        tasks = ("feature-extraction", "classification", "token-classification", "detection")
         lines = [
             "| family | as on the hub | preprocessing | features: python / ensemble | "
-            "classification: python / ensemble | NER: python / ensemble |",
-            "|---|---|---|---|---|---|",
+            "classification: python / ensemble | NER: python / ensemble | "
+            "detection: python / ensemble |",
+            "|---|---|---|---|---|---|---|",
         ]
         seen: dict[str, dict[str, dict[str, Row]]] = {}
         for r in self.rows:
             plain = r.reference.startswith(_DEFAULT_REFERENCES) or r.family.startswith("all-")
             name = r.family if plain else f"{r.family}: {r.reference}"
-            column = r.task if r.task == "token-classification" else r.task.split("-", 1)[1]
+            column = {"token-classification": r.task, "object-detection": "detection"}.get(
+                r.task, r.task.split("-", 1)[-1]
+            )
             cell = seen.setdefault(name, {}).setdefault(column, {})
             cell[r.approach] = r
 
@@ -265,6 +271,11 @@ QUICK_CLASSIFICATION = (
 #: ``--quick`` token classification: ModernBERT (byte-level BPE: words found by the "no space
 #: before it" rule). BERT's (WordPiece "##" pieces) runs in the test suite's own text server.
 QUICK_TOKEN_CLASSIFICATION = ("modernbert",)
+#: Object detection: the detector's random weights (std 0.3, so that queries differ) amplify
+#: float rounding in the pixels; scores are compared to 1e-3 on both approaches, boxes to 1 px
+#: (the pipeline truncates coordinates to whole pixels).
+DETECTION_ATOL = 1e-3
+DETECTION_BOX_PX = 1
 
 
 def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
@@ -283,7 +294,7 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
             if quick and task.endswith("classification") and family.name not in quick_set:
                 continue
             short = family.name.replace("-", "")
-            kind = {"token-classification": "ner"}.get(
+            kind = {"token-classification": "ner", "object-detection": "det"}.get(
                 task, "fe" if task.endswith("feature-extraction") else "cls"
             )
             stem = f"{short}_{kind}"
@@ -300,6 +311,7 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
                 "text-feature-extraction": "SentenceTransformer (mean, Normalize)",
                 "text-classification": "pipeline('text-classification')",
                 "token-classification": "pipeline('token-classification')",
+                "object-detection": "pipeline('object-detection')",
             }[task]
             out.append(Case(family.name, task, stem, make, reference))
     if not selected or "bert" in selected:
@@ -539,6 +551,74 @@ def _check_entities(case: Case, url: str) -> list[Row]:
     return rows
 
 
+#: (threshold, top_k) the detections are compared at: the pipeline's default, and every
+#: query's best (threshold 0) cut to the 5 best.
+DETECTION_SETTINGS = ((0.5, 0), (0.0, 5))
+
+
+def _check_detections(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
+    import transformers
+    import tritonclient.http as httpclient
+    from transformers.image_utils import load_image
+
+    pipe = transformers.pipeline("object-detection", model=str(case.checkpoint))
+    decoded = [load_image(_data_uri(b)) for b in images.values()]
+    data = np.array([[b] for b in images.values()], dtype=object)
+    client = httpclient.InferenceServerClient(url=url, network_timeout=300)
+    rows = []
+    try:
+        for approach in APPROACHES:
+            got, want = [], []
+            for threshold, top_k in DETECTION_SETTINGS:
+                tensor = httpclient.InferInput("image_bytes", list(data.shape), "BYTES")
+                tensor.set_data_from_numpy(data)
+                result = client.infer(
+                    f"{approach}_{case.name}",
+                    [tensor],
+                    parameters={"threshold": threshold, "top_k": top_k},
+                )
+                got += [json.loads(b) for b in result.as_numpy("detections").reshape(-1)]
+                for image in decoded:
+                    expected = pipe(image, threshold=threshold)
+                    if top_k:
+                        expected = sorted(expected, key=lambda d: -d["score"])[:top_k]
+                    want.append(expected)
+            row = judge_detections(got, want, DETECTION_ATOL, DETECTION_BOX_PX)
+            inputs = f"{len(images)} images in one request x {len(DETECTION_SETTINGS)} settings"
+            rows.append(_label(row, case, approach, inputs))
+    finally:
+        client.close()
+    return rows
+
+
+def judge_detections(
+    got: list[list[dict]], want: list[list[dict]], atol: float, box_px: int
+) -> Row:
+    """Served detections against the pipeline's, image by image: the same labels in the same
+    order, every box corner within ``box_px`` pixels and every score within ``atol``."""
+    row = Row("", "", "", "", "max |score diff|", bound=atol)
+    if len(got) != len(want):
+        row.note = f"{len(got)} answers for {len(want)} images"
+        return row
+    diff, box, differ, count = 0.0, 0, 0, 0
+    for served, expected in zip(got, want, strict=True):
+        count += len(expected)
+        if [d["label"] for d in served] != [d["label"] for d in expected]:
+            differ += 1
+            continue
+        for a, b in zip(served, expected, strict=True):
+            diff = max(diff, abs(a["score"] - float(b["score"])))
+            box = max(box, *(abs(a["box"][k] - int(b["box"][k])) for k in b["box"]))
+    row.value = diff
+    row.verdict = "pass" if not differ and diff <= atol and box <= box_px else "FAIL"
+    row.note = (
+        f"{count} detections, boxes within {box} px"
+        if not differ
+        else f"labels DIFFER for {differ} images"
+    )
+    return row
+
+
 def judge_entities(got: list[list[dict]], want: list[list[dict]], atol: float) -> Row:
     """Served entities against the pipeline's, text by text: the same entities (label or
     group, word, start, end, index) in the same order, and every score within ``atol``."""
@@ -626,6 +706,8 @@ def check(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
             return _check_sentence_embeddings(case, url)
         if case.task == "token-classification":
             return _check_entities(case, url)
+        if case.task == "object-detection":
+            return _check_detections(case, url, images)
         return _check_classification(case, url, images)
     except Exception as e:  # a case that errors is a failed row, the matrix goes on
         log.exception("%s %s", case.family, case.task)

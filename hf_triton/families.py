@@ -170,7 +170,7 @@ class Family:
 
         preprocessor = self._build_preprocessor()
         config = self._build_config(task, preprocessor)
-        if task.endswith("-classification"):
+        if task.endswith("-classification") or task == "object-detection":
             labels = IMAGE_LABELS if self.modality == "image" else TEXT_LABELS
             if task == "token-classification":
                 labels = NER_LABELS
@@ -659,6 +659,52 @@ def _cnn_weights(model: Any) -> None:
                 module.running_var.uniform_(0.5, 1.5)
 
 
+def _rt_detr_config(_task: str, _processor: Any) -> Any:
+    """RT-DETR as PekingU/rtdetr_r50vd is built (ResNet-vd backbone, hybrid encoder over three
+    feature levels, deformable decoder), at widths of 16-128 and 20 queries."""
+    import transformers
+
+    backbone = transformers.RTDetrResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    return transformers.RTDetrConfig(
+        backbone_config=backbone,
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        encoder_hidden_dim=32,
+        encoder_in_channels=[32, 64, 128],
+        decoder_in_channels=[32, 32, 32],
+        feat_strides=[8, 16, 32],
+        encoder_layers=1,
+        encoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        d_model=32,
+        num_queries=20,
+        decoder_layers=2,
+        decoder_ffn_dim=64,
+        decoder_attention_heads=2,
+        decoder_n_points=2,
+        num_denoising=0,
+    )
+
+
+def _detector_weights(model: Any) -> None:
+    """transformers zero-initialises RT-DETR's encoder score head, so every anchor scores the
+    same and the top-k query selection is a tie (broken differently by PyTorch and ONNX
+    Runtime); random weights everywhere, BatchNorm as a trained network's (as the CNNs)."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.3)
+    _cnn_weights(model)
+
+
 def _clip_config(task: str, _processor: Any) -> Any:
     """CLIPVisionConfig for the vision tower; CLIPConfig (with a tiny text tower, unused) for
     CLIPForImageClassification, which takes the full config and uses only the vision model."""
@@ -949,6 +995,17 @@ _FAMILY_LIST: tuple[Family, ...] = (
         ),
         _clip_config,
         base="CLIPVisionModel",
+    ),
+    Family(
+        "rt-detr",
+        "image",
+        MappingProxyType({"object-detection": "RTDetrForObjectDetection"}),
+        "RTDetrImageProcessor",
+        "resize 640x640 bilinear, rescale 1/255, no normalisation",
+        "PekingU/rtdetr_r50vd",
+        _processor("RTDetrImageProcessor", size={"height": 640, "width": 640}),
+        _rt_detr_config,
+        _detector_weights,
     ),
     # ---- text
     _text(

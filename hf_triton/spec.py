@@ -271,14 +271,15 @@ class ModelSpec:
             raise UnsupportedModel(
                 f"{self.checkpoint}: task {self.task.name} needs id2label in config.json"
             )
-        if self.task.name == "token-classification":
-            if not self.id2label:
-                raise UnsupportedModel(f"{self.checkpoint}: {self.task.name} needs id2label")
-            if not getattr(self.preprocessor, "is_fast", False):
-                raise UnsupportedModel(
-                    f"{self.checkpoint}: {self.task.name} needs a fast tokenizer (character "
-                    f"offsets); {type(self.preprocessor).__name__} is not one"
-                )
+        if self.postprocessed and not self.id2label:
+            raise UnsupportedModel(f"{self.checkpoint}: {self.task.name} needs id2label")
+        if self.task.name == "token-classification" and not getattr(
+            self.preprocessor, "is_fast", False
+        ):
+            raise UnsupportedModel(
+                f"{self.checkpoint}: {self.task.name} needs a fast tokenizer (character "
+                f"offsets); {type(self.preprocessor).__name__} is not one"
+            )
         if self.modality == "text":
             produced = set(self.preprocessor(_PROBE_TEXT).keys())
             for name in ("input_ids", "attention_mask"):

