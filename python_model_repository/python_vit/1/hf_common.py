@@ -25,8 +25,11 @@ MODEL_CLASSES = {
     "text-feature-extraction": "AutoModel",
     "text-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
+    "object-detection": "AutoModelForObjectDetection",
 }
 
+#: The tasks vision_model.py serves.
+IMAGE_TASKS = ("image-feature-extraction", "image-classification", "object-detection")
 #: The tasks text_model.py serves.
 TEXT_TASKS = ("text-feature-extraction", "text-classification", "token-classification")
 

@@ -5,8 +5,18 @@ The same file serves two roles, told apart by the outputs declared in config.pbt
 * ``python_vit`` (python_model_repository): processor + model in one step; outputs are
   the model's own output names (``last_hidden_state``, ``pooler_output``; ``logits`` for
   image classification).
-* ``preprocessing`` (ensemble_model_repository): processor only; the one output is
-  ``pixel_values``, fed to the ONNX model by the ensemble.
+* ``preprocessing`` (ensemble_model_repository): processor only; the output is
+  ``pixel_values``, fed to the ONNX model by the ensemble (object detection adds each image's
+  ``target_size``, its height and width as sent);
+* ``postprocessing`` (object detection's third ensemble step): inputs model.onnx's ``logits``
+  and ``pred_boxes`` and the ``target_size``; output ``detections``.
+
+Object detection outputs ``detections``: one JSON list per image, what transformers'
+object-detection pipeline returns (``score``, ``label``, ``box`` with integer ``xmin``,
+``ymin``, ``xmax``, ``ymax`` in the image's own pixels), from the image processor's own
+``post_process_object_detection``. ``threshold`` (default 0.5, the pipeline's) and ``top_k``
+(0: all; else the k best, highest first) are config parameters a request may override with
+parameters of the same names.
 
 Images arrive in one of three optional inputs, exactly one per request:
 ``image`` (FP32 H x W x 3, 0..255: the tutorial's contract; values are rounded to whole
@@ -48,6 +58,8 @@ IMAGE_UINT8 = "image_uint8"
 IMAGE_BYTES = "image_bytes"
 IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
 PIXEL_VALUES = "pixel_values"
+TARGET_SIZE = "target_size"
+DETECTIONS = "detections"
 #: Defaults of the budgets (config parameters of the same names override them).
 MAX_SIDE_PX = 8192
 MAX_REQUEST_MEGAPIXELS = 64
@@ -115,11 +127,13 @@ class Pending:
     from ``load()``, each time anew: decoding waits for the image's turn under the
     :class:`PixelBudget`, and nothing keeps the decoded pixels once they are resized."""
 
-    __slots__ = ("load", "pixels")
+    __slots__ = ("load", "pixels", "settings", "size")
 
     def __init__(self, pixels, load):
         self.pixels = pixels
         self.load = load
+        self.size = None  # (height, width) once loaded: where detected boxes are mapped to
+        self.settings = None  # object detection: the request's threshold and top_k
 
 
 class PixelBudget:
@@ -181,7 +195,9 @@ class VectorizedImageProcessor:
 
         def resize(item):
             with budget.hold(item.pixels):
-                return self._geometry(item.load())
+                image = item.load()
+                item.size = _height_width(image)
+                return self._geometry(image)
 
         # A lone image is resized here: no thread hand-off.
         resized = [resize(images[0])] if len(images) == 1 else list(self.pool.map(resize, images))
@@ -189,6 +205,13 @@ class VectorizedImageProcessor:
         pixels *= self.gain
         pixels += self.bias
         return pixels
+
+
+def _height_width(image):
+    """(height, width) of a PIL image or an H x W x 3 array, as loaded (EXIF applied)."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def _plain_resize(processor):
@@ -248,10 +271,8 @@ class TritonPythonModel:
             raise ModelError("config.pbtxt needs parameter 'checkpoint' (hub id or directory)")
         revision = params.get("revision") or None
         task = params.get("task", "image-feature-extraction")
-        if task not in hf_common.MODEL_CLASSES or not task.startswith("image"):
-            raise ModelError(
-                f"task {task!r} is not an image task of {sorted(hf_common.MODEL_CLASSES)}"
-            )
+        if task not in hf_common.IMAGE_TASKS:
+            raise ModelError(f"task {task!r} is not an image task of {list(hf_common.IMAGE_TASKS)}")
         self.max_side = int(params.get("max_side_px") or MAX_SIDE_PX)
         self.max_request_pixels = int(
             float(params.get("max_request_megapixels") or MAX_REQUEST_MEGAPIXELS) * 1e6
@@ -283,7 +304,18 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config["input"] if i["name"] in IMAGE_INPUTS]
         self.model = None
         self.precision = params.get("precision", "fp32")
-        if self.output_names != [PIXEL_VALUES]:
+        self.postprocess_only = "logits" in [i["name"] for i in config["input"]]
+        self.detection = None
+        if task == "object-detection":
+            self.detection = {
+                "threshold": _threshold(params.get("threshold") or "0.5", ModelError),
+                "top_k": _top_k(params.get("top_k") or "0", ModelError),
+            }
+            self.id2label = transformers.AutoConfig.from_pretrained(local).id2label
+        if self.postprocess_only:
+            if self.detection is None:
+                raise ModelError("a logits input needs task object-detection")
+        elif not set(self.output_names) <= {PIXEL_VALUES, TARGET_SIZE}:
             auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
             model = auto.from_pretrained(local).to(self.device).eval()
             self.model, self.input_dtype = hf_common.apply_precision(
@@ -294,6 +326,10 @@ class TritonPythonModel:
         role = "processor only"
         if self.model is not None:
             role = f"processor + {type(self.model).__name__} in {self.precision}"
+        if self.postprocess_only:
+            role = "postprocessing: logits, boxes -> detections"
+        if self.detection is not None:
+            role += f", threshold {self.detection['threshold']}, top_k {self.detection['top_k']}"
         pb_utils.Logger.log_info(
             f"{self.name}: {role}, checkpoint {checkpoint} ({hf_common.weights_note(local)}), "
             f"{type(self.processor).__name__} "
@@ -319,13 +355,44 @@ class TritonPythonModel:
         pixels = torch.from_numpy(process(self.processor, [probe]))
         with torch.inference_mode():
             out = self.model(pixel_values=pixels.to(self.device, self.input_dtype))
-        missing = [n for n in self.output_names if getattr(out, n, None) is None]
+        wanted = ["logits", "pred_boxes"] if self.detection is not None else self.output_names
+        missing = [n for n in wanted if getattr(out, n, None) is None]
         if missing:
             available = [k for k, v in out.items() if v is not None]
             raise ModelError(
                 f"config.pbtxt declares outputs {missing} that {type(self.model).__name__} "
                 f"does not produce; it produces {available}"
             )
+
+    def _items(self, request):
+        """What one request brings: its images, each with the request's detection settings,
+        or (post-processing step) each image's logits, boxes and size."""
+        if self.postprocess_only:
+            settings = self._settings(request)
+
+            def get(name):
+                return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+            logits, boxes, sizes = get("logits"), get("pred_boxes"), get(TARGET_SIZE)
+            return [
+                (logits[j], boxes[j], tuple(int(v) for v in sizes[j]), settings)
+                for j in range(len(logits))
+            ]
+        images = self._images(request)
+        if self.detection is not None:
+            settings = self._settings(request)
+            for image in images:
+                image.settings = settings
+        return images
+
+    def _settings(self, request):
+        """threshold and top_k: the request's parameters, else the config's."""
+        raw = request.parameters() if hasattr(request, "parameters") else "{}"
+        given = json.loads(raw or "{}")
+        return {
+            "threshold": _threshold(given.get("threshold", self.detection["threshold"]), BadInput),
+            "top_k": _top_k(given.get("top_k", self.detection["top_k"]), BadInput),
+        }
 
     def _images(self, request):
         """The request's images as :class:`Pending` ones: a PIL image once decoded (bytes), or
@@ -376,21 +443,91 @@ class TritonPythonModel:
             )
 
     def _preprocess(self, images):
+        """pixel_values for the batch, and each image's (height, width) as loaded."""
         if self.fast is not None:
-            return self.fast(images, self.budget)
+            return self.fast(images, self.budget), [item.size for item in images]
         # Reference path: the processor itself, one image at a time.
-        return np.concatenate([process(self.processor, [item.load()]) for item in images])
+        pixels = []
+        for item in images:
+            image = item.load()
+            item.size = _height_width(image)
+            pixels.append(process(self.processor, [image]))
+        return np.concatenate(pixels), [item.size for item in images]
 
-    def _run(self, images):
-        pixel_values = self._preprocess(images)
+    def _run(self, items):
+        if self.postprocess_only:
+            return self._detections(items)
+        pixel_values, sizes = self._preprocess(items)
         if self.model is None:
-            return {PIXEL_VALUES: pixel_values}
+            out = {PIXEL_VALUES: pixel_values}
+            if TARGET_SIZE in self.output_names:
+                out[TARGET_SIZE] = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+            return out
         import torch
 
         with torch.inference_mode():
             pixels = torch.from_numpy(pixel_values).to(self.device, self.input_dtype)
             out = self.model(pixel_values=pixels)
+        if self.detection is not None:
+            logits = out.logits.float().cpu().numpy()
+            boxes = out.pred_boxes.float().cpu().numpy()
+            return self._detections(
+                [(logits[j], boxes[j], sizes[j], item.settings) for j, item in enumerate(items)]
+            )
         return {n: getattr(out, n).float().cpu().numpy() for n in self.output_names}
 
+    def _detections(self, rows):
+        """The processor's post_process_object_detection per image, formatted as transformers'
+        object-detection pipeline formats it; then the top_k best, when asked."""
+        import types
+
+        import torch
+
+        out = np.empty((len(rows), 1), dtype=object)
+        for j, (logits, boxes, size, settings) in enumerate(rows):
+            raw = types.SimpleNamespace(
+                logits=torch.from_numpy(np.ascontiguousarray(logits[None], np.float32)),
+                pred_boxes=torch.from_numpy(np.ascontiguousarray(boxes[None], np.float32)),
+            )
+            found = self.processor.post_process_object_detection(
+                raw, threshold=settings["threshold"], target_sizes=[size]
+            )[0]
+            detections = [
+                {
+                    "score": float(score),
+                    "label": self.id2label[int(label)],
+                    "box": dict(
+                        zip(("xmin", "ymin", "xmax", "ymax"), box.int().tolist(), strict=True)
+                    ),
+                }
+                for score, label, box in zip(
+                    found["scores"], found["labels"], found["boxes"], strict=True
+                )
+            ]
+            if settings["top_k"]:
+                detections = sorted(detections, key=lambda d: -d["score"])[: settings["top_k"]]
+            out[j, 0] = json.dumps(detections).encode("utf-8")
+        return {DETECTIONS: out}
+
     def execute(self, requests):
-        return hf_common.respond(requests, self._images, self._run, self.output_dtypes)
+        return hf_common.respond(requests, self._items, self._run, self.output_dtypes)
+
+
+def _threshold(value, error):
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise error(f"parameter threshold {value!r}: a score between 0 and 1")
+    return threshold
+
+
+def _top_k(value, error):
+    try:
+        top_k = int(value)
+    except (TypeError, ValueError):
+        top_k = -1
+    if top_k < 0 or str(top_k) != str(value).strip():
+        raise error(f"parameter top_k {value!r}: a whole number >= 0 (0: every detection)")
+    return top_k
