@@ -669,12 +669,10 @@ def _rt_detr_config(_task: str, _processor: Any) -> Any:
         hidden_sizes=[16, 32, 64, 128],
         depths=[1, 1, 1, 1],
         layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
     )
+    backbone.out_features = ["stage2", "stage3", "stage4"]  # the three levels the encoder fuses
     return transformers.RTDetrConfig(
         backbone_config=backbone,
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
         encoder_hidden_dim=32,
         encoder_in_channels=[32, 64, 128],
         decoder_in_channels=[32, 32, 32],
