@@ -381,6 +381,7 @@ class Bare:
             session = ort.InferenceSession(str(target.onnx), providers=["CPUExecutionProvider"])
             self.output = first = session.get_outputs()[0].name
             self.forward = lambda feed: session.run([first], feed)[0]
+            self.forward_all = lambda feed: session.run(None, feed)
         else:
             import torch
 
@@ -394,13 +395,14 @@ class Bare:
                 target.precision, torch.float32
             )
 
-            def forward(feed: dict[str, np.ndarray]) -> np.ndarray:
+            def forward_all(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
                 tensors = [torch.from_numpy(v) for v in feed.values()]
                 tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
                 with torch.inference_mode():
-                    return module(*tensors)[0].float().numpy()
+                    return [o.float().numpy() for o in module(*tensors)]
 
-            self.forward = forward
+            self.forward_all = forward_all
+            self.forward = lambda feed: forward_all(feed)[0]
 
     def feed(self, examples: list[Any]) -> dict[str, np.ndarray]:
         return self.spec.encode(examples)
@@ -474,7 +476,7 @@ def served_answer(
     example: Any,
     quality: int,
     output: str,
-    parameters: dict[str, str] | None = None,
+    parameters: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The served model's ``output`` for one example."""
     import tritonclient.http as httpclient
@@ -493,6 +495,10 @@ def served_answer(
 def verify(http_url: str, target: Target, fmt: str, example: Any, quality: int, bare: Bare) -> str:
     """One served answer against the bare runtime's on the same input: "ok (...)" or
     "MISMATCH (...)" (tensors by cosine; token classification's entities token by token)."""
+    if bare.spec.postprocessed and bare.spec.modality == "image":
+        settings: dict[str, Any] = {"threshold": 0.0, "top_k": 0}
+        served = served_answer(http_url, target, fmt, example, quality, "detections", settings)
+        return check_detections(served.reshape(-1)[0], bare, _decoded(example, fmt, quality))
     if bare.spec.postprocessed:
         params = {"aggregation_strategy": "none"}
         served = served_answer(http_url, target, fmt, example, quality, "entities", params)
@@ -500,6 +506,44 @@ def verify(http_url: str, target: Target, fmt: str, example: Any, quality: int, 
     served = served_answer(http_url, target, fmt, example, quality, bare.output)
     decoded = _decoded(example, fmt, quality)
     return check_answer(served, bare.forward(bare.feed([decoded])), target.precision)
+
+
+def check_detections(served: bytes, bare: Bare, image: Any) -> str:
+    """Object detection: the served detections (threshold 0: every query) against the bare
+    runtime's logits and boxes through the image processor's own post-processing."""
+    import json
+    import types
+
+    import torch
+
+    logits, boxes = bare.forward_all(bare.feed([image]))[:2]
+    size = tuple(int(d) for d in np.asarray(image).shape[:2])
+    raw = types.SimpleNamespace(logits=torch.from_numpy(logits), pred_boxes=torch.from_numpy(boxes))
+    found = bare.spec.preprocessor.post_process_object_detection(
+        raw, threshold=0.0, target_sizes=[size]
+    )[0]
+    want = [
+        (bare.spec.id2label[int(label)], float(score), box.int().tolist())
+        for score, label, box in zip(found["scores"], found["labels"], found["boxes"], strict=True)
+    ]
+    got = json.loads(served)
+    if [d["label"] for d in got] != [w[0] for w in want]:
+        return f"MISMATCH (labels differ over {len(want)} detections)"
+    score = max((abs(d["score"] - w[1]) for d, w in zip(got, want, strict=True)), default=0.0)
+    px = max(
+        (
+            abs(d["box"][k] - v)
+            for d, w in zip(got, want, strict=True)
+            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), w[2], strict=True)
+        ),
+        default=0,
+    )
+    bound = 1e-3 if bare.target.precision == "fp32" else 0.05
+    ok = score <= bound and px <= 1
+    return (
+        f"{'ok' if ok else 'MISMATCH'} ({len(want)} detections, |score| {score:.1e}, "
+        f"boxes within {px} px)"
+    )
 
 
 def check_entities(served: bytes, bare: Bare, text: str) -> str:

@@ -116,6 +116,32 @@ def test_benchmark_token_classification(text_server, tmp_path):
     assert "token labels" in served[0]["check"]
 
 
+def test_benchmark_object_detection(text_server, tmp_path):
+    """Detections served by the ensemble, checked against the bare ONNX Runtime session's
+    logits and boxes through the image processor's own post-processing."""
+    onnx = text_server.launched.workdir / "repositories" / "det_ensemble_model_repository"
+    run = run_bench(
+        "--url",
+        text_server.url,
+        "--protocol",
+        "http",
+        "--models",
+        "ensemble_det",
+        "--onnx",
+        str(onnx / "det" / "1" / "model.onnx"),
+        "--formats",
+        "jpeg",
+        "--concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    served = [r for r in rows if r["name"] == "ensemble_det"]
+    assert served and served[0]["check"].startswith("ok (20 detections"), served
+
+
 def test_benchmark_over_http(server, tmp_path):
     """The async HTTP load generator, on one model and format."""
     run = run_bench(
