@@ -281,6 +281,8 @@ def _build(args: argparse.Namespace) -> int:
         precision=args.precision,
         aggregation_strategy=args.aggregation_strategy,
         ignore_labels=tuple(x for x in args.ignore_labels.split(",") if x),
+        threshold=args.threshold,
+        top_k=args.top_k,
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
@@ -425,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: from the checkpoint's architectures; one of "
         "image-feature-extraction, image-classification, text-feature-extraction, "
-        "text-classification, token-classification",
+        "text-classification, token-classification, object-detection",
     )
     bu.add_argument("--approach", choices=["python", "ensemble", "both"], default="both")
     bu.add_argument(
@@ -446,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="simple",
         help="token classification: how tokens become entities, as transformers' pipeline "
         "(default: %(default)s; a request may pass its own as a parameter)",
+    )
+    bu.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="object detection: the score a detection needs (default: %(default)s, the "
+        "pipeline's; a request may pass its own as a parameter)",
+    )
+    bu.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="object detection: keep the k best detections (default 0: all above threshold)",
     )
     bu.add_argument(
         "--ignore-labels",
