@@ -41,6 +41,13 @@ PRECISION_KEY = "hf_triton.precision"
 #: The gate: a variant is refused when any example falls below these.
 MIN_COSINE = 0.99
 MIN_TOP1_AGREEMENT = 0.95
+#: Object detection: the share of detections (score above DETECTION_THRESHOLD, after the image
+#: processor's own post-processing) that must be found again by the variant: same label, box
+#: IoU >= MIN_BOX_IOU. Extra detections count against it. Queries are matched by what they
+#: detect, not by position: a detector's query selection may reorder them.
+MIN_DETECTION_AGREEMENT = 0.95
+MIN_BOX_IOU = 0.9
+DETECTION_THRESHOLD = 0.5
 
 
 class GateFailed(HfTritonError):
@@ -244,29 +251,48 @@ class GateReport:
     min_cosine: float
     mean_cosine: float
     top1_agreement: float | None = None
-    unit: str = "examples"  # or "tokens" (per-token outputs: one row per real token)
+    unit: str = "examples"  # or "tokens" (one row per real token), "images" (detections)
+    #: Object detection: matched / (reference + extra) detections; cosine is then over each
+    #: image's scores, highest first.
+    detection_agreement: float | None = None
+    detections: int = 0
 
     @property
     def passed(self) -> bool:
         ok = self.min_cosine >= MIN_COSINE
         if self.top1_agreement is not None:
             ok = ok and self.top1_agreement >= MIN_TOP1_AGREEMENT
+        if self.detection_agreement is not None:
+            ok = ok and self.detection_agreement >= MIN_DETECTION_AGREEMENT
         return ok
 
     def summary(self) -> str:
         top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.3f}"
+        box = (
+            ""
+            if self.detection_agreement is None
+            else f", {self.detection_agreement:.3f} of {self.detections} detections found again"
+        )
         verdict = "PASSED" if self.passed else "REFUSED"
         return (
             f"{self.precision} vs fp32 on {self.examples} {self.unit}: cosine min "
-            f"{self.min_cosine:.5f}, mean {self.mean_cosine:.5f}{top1} -> {verdict} "
+            f"{self.min_cosine:.5f}, mean {self.mean_cosine:.5f}{top1}{box} -> {verdict} "
             f"(gate: cosine >= {MIN_COSINE}"
             + (f", top-1 >= {MIN_TOP1_AGREEMENT}" if self.top1_agreement is not None else "")
+            + (
+                f", detections >= {MIN_DETECTION_AGREEMENT} (same label, IoU >= {MIN_BOX_IOU})"
+                if self.detection_agreement is not None
+                else ""
+            )
             + ")"
         )
 
 
 def compare(
-    precision: str, reference: np.ndarray, variant: np.ndarray, classifier: bool
+    precision: str,
+    reference: np.ndarray,
+    variant: np.ndarray,
+    classifier: bool,
 ) -> GateReport:
     """Per-example cosine (and top-1 agreement) of ``variant`` against ``reference``."""
     ref = reference.reshape(len(reference), -1).astype(np.float64)
@@ -277,6 +303,52 @@ def compare(
     cosine = np.where(np.isfinite(cosine), cosine, -1.0)
     top1 = float(np.mean(ref.argmax(1) == var.argmax(1))) if classifier else None
     return GateReport(precision, len(ref), float(cosine.min()), float(cosine.mean()), top1)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes in 0..1 coordinates; 1 for boxes
+    whose corners are all within 0.01 of each other (IoU says nothing about a box as thin as
+    a line, which an untrained detector predicts)."""
+    if float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= 0.01:
+        return 1.0
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def compare_detections(
+    precision: str, reference: list[list[tuple]], variant: list[list[tuple]]
+) -> GateReport:
+    """Per image, (label, score, box) detections of ``variant`` against ``reference``: each
+    reference detection is found again when the variant has one of the same label with box
+    IoU >= MIN_BOX_IOU (each used once); unmatched variant detections count as misses too."""
+    matched = total = 0
+    cosines = []
+    for ref, var in zip(reference, variant, strict=True):
+        used: set[int] = set()
+        for label, _, box in ref:
+            candidates = [
+                (_overlap(box, other[2]), j)
+                for j, other in enumerate(var)
+                if j not in used and other[0] == label
+            ]
+            best = max(candidates, default=(0.0, -1))
+            if best[0] >= MIN_BOX_IOU:
+                matched += 1
+                used.add(best[1])
+        total += len(ref) + len(var) - len(used)
+        a = np.sort([d[1] for d in ref])[::-1]
+        b = np.sort([d[1] for d in var])[::-1]
+        n = max(len(a), len(b), 1)
+        a, b = np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))
+        norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+        cosines.append(float(a @ b / norms) if norms > 0 else float(np.allclose(a, b)))
+    report = GateReport(precision, len(reference), min(cosines), float(np.mean(cosines)))
+    report.unit = "images"
+    report.detection_agreement = matched / total if total else 1.0
+    report.detections = sum(len(r) for r in reference)
+    return report
 
 
 def gate(
@@ -294,7 +366,12 @@ def gate(
         chunk = examples[start : start + batch]
         refs.append(run_reference(chunk))
         vars_.append(run_variant(chunk))
-    report = compare(precision, np.concatenate(refs), np.concatenate(vars_), classifier)
+    if unit == "images":  # object detection: lists of detections per image
+        report = compare_detections(
+            precision, [d for r in refs for d in r], [d for v in vars_ for d in v]
+        )
+    else:
+        report = compare(precision, np.concatenate(refs), np.concatenate(vars_), classifier)
     report.unit = unit
     log.info("%s", report.summary())
     if not report.passed:
@@ -321,17 +398,42 @@ def calibration_feeds(spec: ModelSpec, batch: int = 8) -> list[dict[str, np.ndar
     return [spec.encode(examples[i : i + batch]) for i in range(0, len(examples), batch)]
 
 
-def _per_example(spec: ModelSpec, chunk: list[Any], out: np.ndarray) -> np.ndarray:
-    """Rows the gate compares: one per example, or one per real token for per-token outputs
-    (token classification: each token's label must agree, not only the sentence's logits)."""
+def _per_example(spec: ModelSpec, chunk: list[Any], outs: list[np.ndarray]) -> Any:
+    """What the gate compares: one row per example (the first output); one per real token for
+    token classification (each token's label must agree, not only the sentence's logits);
+    for object detection, each image's detections after the processor's own post-processing
+    (label, score, box in 0..1 coordinates)."""
     if not spec.postprocessed:
-        return out
+        return outs[0]
+    if spec.modality == "image":
+        import types
+
+        import torch
+
+        raw = types.SimpleNamespace(
+            logits=torch.from_numpy(outs[0]), pred_boxes=torch.from_numpy(outs[1])
+        )
+        found = spec.preprocessor.post_process_object_detection(raw, threshold=DETECTION_THRESHOLD)
+        return [
+            [
+                (int(label), float(score), box.numpy())
+                for score, label, box in zip(f["scores"], f["labels"], f["boxes"], strict=True)
+            ]
+            for f in found
+        ]
     mask = spec.encode(chunk)["attention_mask"].astype(bool)
-    return out[mask]
+    return outs[0][mask]
 
 
 def _classifier(spec: ModelSpec) -> bool:
     return bool(spec.labels) or spec.postprocessed
+
+
+def _unit(spec: ModelSpec) -> dict[str, Any]:
+    """What :func:`_per_example` gives: examples, tokens or images (lists of detections)."""
+    if not spec.postprocessed:
+        return {"unit": "examples"}
+    return {"unit": "images" if spec.modality == "image" else "tokens"}
 
 
 def gate_python(spec: ModelSpec, precision: str) -> GateReport:
@@ -347,7 +449,8 @@ def gate_python(spec: ModelSpec, precision: str) -> GateReport:
         tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
         tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
         with torch.inference_mode():
-            return _per_example(spec, chunk, module(*tensors)[0].float().numpy())
+            outs = [o.float().numpy() for o in module(*tensors)]
+        return _per_example(spec, chunk, outs)
 
     return gate(
         precision,
@@ -355,7 +458,7 @@ def gate_python(spec: ModelSpec, precision: str) -> GateReport:
         lambda chunk: run(variant, chunk, dtype),
         eval_examples(spec),
         classifier=_classifier(spec),
-        unit="tokens" if spec.postprocessed else "examples",
+        **_unit(spec),
     )
 
 
@@ -365,14 +468,14 @@ def gate_onnx(spec: ModelSpec, precision: str, fp32: Path, variant: Path) -> Gat
 
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     var = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
-    first = ref.get_outputs()[0].name
+    names = [o.name for o in ref.get_outputs()]
     return gate(
         precision,
-        lambda chunk: _per_example(spec, chunk, ref.run([first], spec.encode(chunk))[0]),
-        lambda chunk: _per_example(spec, chunk, var.run([first], spec.encode(chunk))[0]),
+        lambda chunk: _per_example(spec, chunk, ref.run(names, spec.encode(chunk))),
+        lambda chunk: _per_example(spec, chunk, var.run(names, spec.encode(chunk))),
         eval_examples(spec),
         classifier=_classifier(spec),
-        unit="tokens" if spec.postprocessed else "examples",
+        **_unit(spec),
     )
 
 

@@ -127,17 +127,37 @@ def test_token_classification_gate_compares_each_tokens_label(tmp_path):
     assert f"on {tokens} tokens" in report.summary()
 
     def swapped(chunk):  # labels 1 and 2 exchanged on every token: same norms, other labels
-        rows = precision._per_example(spec, chunk, _logits(spec, chunk))
+        rows = precision._per_example(spec, chunk, [_logits(spec, chunk)])
         return rows[:, [0, 2, 1, *range(3, rows.shape[1])]]
 
     with pytest.raises(precision.GateFailed, match="REFUSED"):
         precision.gate(
             "int8",
-            lambda chunk: precision._per_example(spec, chunk, _logits(spec, chunk)),
+            lambda chunk: precision._per_example(spec, chunk, [_logits(spec, chunk)]),
             swapped,
             precision.eval_sentences()[:16],
             classifier=True,
         )
+
+
+def test_detection_gate_matches_detections_not_query_positions():
+    """Object detection: a detection is found again by label and box overlap, whatever query
+    produced it; a moved box, another label or an invented detection counts against it."""
+    box = np.array([0.1, 0.2, 0.5, 0.6])
+    image = [(0, 0.9, box), (1, 0.7, np.array([0.6, 0.1, 0.9, 0.4]))]
+    reordered = [(image[1][0], 0.69, image[1][2] + 0.005), (0, 0.91, box)]
+    report = precision.compare_detections("int8", [image], [reordered])
+    assert report.passed and report.detection_agreement == 1.0, report.summary()
+    assert "2 detections found again" in report.summary()
+    for changed in (
+        [(2, 0.9, box), image[1]],  # another label
+        [(0, 0.9, box + [0.2, 0.2, 0.2, 0.2]), image[1]],  # moved: IoU < 0.9
+        [*image, (0, 0.8, np.array([0.0, 0.0, 1.0, 1.0]))],  # one invented
+    ):
+        report = precision.compare_detections("int8", [image] * 10, [image] * 9 + [changed])
+        assert report.detection_agreement < 1.0
+    report = precision.compare_detections("int8", [image], [[(2, 0.9, box), image[1]]])
+    assert not report.passed and "REFUSED" in report.summary()
 
 
 def _logits(spec: ModelSpec, chunk: list[str]) -> np.ndarray:
