@@ -302,7 +302,11 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
             params = {k: v["string_value"] for k, v in python.get("parameters", {}).items()}
             if "checkpoint" not in params or "task" not in params:
                 raise BenchError(f"model '{model}' was not made by hf-triton build: no task")
-            onnx = onnx_of(steps[-1]) if steps else None
+            # The ONNX Runtime step: the last step, or the one before a post-processing step.
+            runtime = [
+                s for s in steps if client.get_model_config(s).get("backend") == "onnxruntime"
+            ]
+            onnx = onnx_of((runtime or steps)[-1]) if steps else None
             prec = params.get("precision", "fp32") if not steps else _onnx_precision(onnx)
             targets.append(
                 Target(
