@@ -59,6 +59,8 @@ class BuildOptions:
     preprocessing_instances: int = 1
     #: ONNX Runtime threads per instance (0: one per physical core).
     intra_op_threads: int = 0
+    #: PyTorch threads per instance of the Python pipeline (0: PyTorch's default).
+    torch_threads: int = 0
     #: Where the Python pipeline runs: KIND_CPU, or KIND_GPU (model.py moves the model there).
     instance_kind: str = "KIND_CPU"
     #: Token classification: how tokens become entities (transformers' AggregationStrategy;
@@ -341,6 +343,11 @@ def build(
                 "fp32 (reference), bf16, int8 (dynamic quantisation of Linear layers) or\n"
                 "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
                 '(README, "Precision").',
+            ),
+            (
+                "torch_threads",
+                str(options.torch_threads),
+                "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
             ),
             *_postprocessing_params(spec, options),
         ]

@@ -622,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune",
         type=_csv(str),
         default=["instances", "delay", "preprocessing"],
-        help="knobs to search for the winner: instances (ONNX Runtime threads split between "
-        "them), delay (the batcher's), preprocessing (the ensemble's instances); default: all",
+        help="knobs to search for the winner: instances (ONNX Runtime or PyTorch threads split "
+        "between them), delay (the batcher's), preprocessing (the ensemble's instances); "
+        "default: all",
     )
     op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
     op.add_argument("--name", default="model", help="model name in the written repository")

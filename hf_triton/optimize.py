@@ -80,7 +80,7 @@ CANDIDATES = (
 )
 YARDSTICK = "fp32-onnxruntime"
 
-#: What tuning searches: instances (with ONNX Runtime's threads split between them), the
+#: What tuning searches: instances (with ONNX Runtime's or PyTorch's threads split), the
 #: batcher's delay, the ensemble's preprocessing instances.
 KNOBS = ("instances", "delay", "preprocessing")
 
@@ -337,7 +337,7 @@ class _Reloader:
         return copy.deepcopy(self.original[model])
 
     def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
-        """``values``: instances / preprocessing_instances / intra_op_threads /
+        """``values``: instances / preprocessing_instances / intra_op_threads / torch_threads /
         max_queue_delay_us; ``models``: role -> served model name."""
         for role, model in models.items():
             config = self.config(model)
@@ -351,6 +351,9 @@ class _Reloader:
                 threads = values["intra_op_threads"]
                 params = config.setdefault("parameters", {})
                 params["intra_op_thread_count"] = {"string_value": str(threads)}
+            if role == "python":
+                params = config.setdefault("parameters", {})
+                params["torch_threads"] = {"string_value": str(values["torch_threads"])}
             if config != self.loaded.get(model, self.original[model]):  # reload what changed
                 self.client.load_model(model, headers=self.headers, config=json.dumps(config))
                 self.loaded[model] = config
@@ -378,7 +381,14 @@ def _trials(c: Candidate, cores: int, knobs: list[str]) -> list[tuple[str, dict[
         ("preprocessing", "2 preprocessing instances", {"preprocessing_instances": 2}),
     ]
     if c.approach == "python":
-        changes = [("instances", "2 instances", {"instances": 2}), changes[1]]
+        changes = [
+            (
+                "instances",
+                f"2 instances x {split} torch threads",
+                {"instances": 2, "torch_threads": split},
+            ),
+            changes[1],
+        ]
     check_knobs(knobs)
     return [(change, delta) for knob, change, delta in changes if knob in knobs]
 
@@ -401,12 +411,15 @@ def tune(
         "instances": 1,
         "preprocessing_instances": 1,
         "intra_op_threads": 0,
+        "torch_threads": 0,
         "max_queue_delay_us": options.options.max_queue_delay_us,
     }
-    models = {"onnx": target.steps[-1], "preprocessing": target.steps[0]}
+    reloader = _Reloader(http_url, admin_key)
+    # The ONNX Runtime step: the last, or the one before a post-processing step.
+    onnx = [s for s in target.steps if reloader.config(s).get("backend") == "onnxruntime"]
+    models = {"onnx": (onnx or target.steps)[-1], "preprocessing": target.steps[0]}
     if c.approach == "python":
         models = {"python": target.model}
-    reloader = _Reloader(http_url, admin_key)
     trials = []
     try:
         for change, delta in _trials(c, cores, options.tune):

@@ -44,6 +44,22 @@ def test_unsupported_architecture_lists_what_is_supported():
         tasks.get_task("translation")
 
 
+def test_torch_threads_parameter_sets_pytorch_threads():
+    """The Python pipeline's ``torch_threads`` (optimize splits the cores between instances)."""
+    import torch
+
+    from hf_triton.templates import hf_common
+
+    before = torch.get_num_threads()
+    try:
+        assert hf_common.set_torch_threads({"torch_threads": "1"}) == 1 == torch.get_num_threads()
+        assert hf_common.set_torch_threads({"torch_threads": "0"}) == 1  # 0: left as it is
+        with pytest.raises(hf_common.ModelError, match="torch_threads must be >= 0"):
+            hf_common.set_torch_threads({"torch_threads": "-2"})
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_token_classification_ensemble_has_a_postprocessing_step(tmp_path):
     """NER: tokenizer (+ offsets) -> model.onnx (logits) -> postprocessing (entities); an
     unknown aggregation strategy is refused before anything is written."""

@@ -123,6 +123,9 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     config = (compute / "config.pbtxt").read_text()
     assert _instances(config) == tuned["instances"]
     assert f"max_queue_delay_microseconds: {tuned['max_queue_delay_us']}" in config
+    threads = "torch_threads" if winner["approach"] == "python" else "intra_op_thread_count"
+    kept = tuned["torch_threads" if winner["approach"] == "python" else "intra_op_threads"]
+    assert f'string_value: "{kept}"' in config.split(f'key: "{threads}"')[1].split("}")[0]
     sentences = ["The food was great.", "Naïve café, zero stars 😞"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()

@@ -102,9 +102,13 @@ class TritonPythonModel:
             model = auto.from_pretrained(local).to(self.device).eval()
             self.model_inputs = hf_common.model_inputs(model, self.tokenizer)
             self.model, _ = hf_common.apply_precision(model, precision, self.device)
+            self.threads = hf_common.set_torch_threads(params)
             if task == "text-feature-extraction":
                 self.pooling = hf_common.Pooling.from_checkpoint(local).to(self.device)
-            role = f"tokenizer + {type(self.model).__name__} in {precision}"
+            role = (
+                f"tokenizer + {type(self.model).__name__} in {precision}, "
+                f"{self.threads} torch threads"
+            )
         else:
             produced = set(self.tokenizer("probe").keys()) | set(OFFSETS)
             missing = [n for n in self.output_names if n not in produced]

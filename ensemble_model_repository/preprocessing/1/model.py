@@ -321,11 +321,15 @@ class TritonPythonModel:
             self.model, self.input_dtype = hf_common.apply_precision(
                 model, self.precision, self.device
             )
+            self.threads = hf_common.set_torch_threads(params)
             self._check_outputs()
 
         role = "processor only"
         if self.model is not None:
-            role = f"processor + {type(self.model).__name__} in {self.precision}"
+            role = (
+                f"processor + {type(self.model).__name__} in {self.precision}, "
+                f"{self.threads} torch threads"
+            )
         if self.postprocess_only:
             role = "postprocessing: logits, boxes -> detections"
         if self.detection is not None:

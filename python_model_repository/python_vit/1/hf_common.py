@@ -116,6 +116,20 @@ def quantize_int8(model):
     return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+def set_torch_threads(params):
+    """PyTorch's intra-op threads for this instance: the config's ``torch_threads`` (0 or
+    absent: PyTorch's default, one per core). Several instances on a small CPU each using every
+    core only oversubscribe it; ``hf-triton optimize`` measures the split."""
+    import torch
+
+    threads = int(params.get("torch_threads") or 0)
+    if threads < 0:
+        raise ModelError(f"parameter torch_threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def apply_precision(model, precision, target):
     """``model`` converted to ``precision`` on device ``target``; the float dtype it takes."""
     import torch
