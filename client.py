@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Drew them on {args.draw}")
         return 0
     if args.draw:
-        parser.error("--draw needs an object-detection model")
+        parser.error(
+            f"--draw needs an object-detection model (output 'detections'); "
+            f"'{args.model_name}' gives {', '.join(outputs)}"
+        )
 
     for name, value in outputs.items():
         print(

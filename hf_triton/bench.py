@@ -516,38 +516,17 @@ def check_detections(served: bytes, bare: Bare, image: Any) -> str:
     """Object detection: the served detections (threshold 0: every query) against the bare
     runtime's logits and boxes through the image processor's own post-processing."""
     import json
-    import types
 
-    import torch
+    from hf_triton.conformance import judge_detections
+    from hf_triton.templates.hf_common import pipeline_detections, post_process_detections
 
     logits, boxes = bare.forward_all(bare.feed([image]))[:2]
     size = tuple(int(d) for d in np.asarray(image).shape[:2])
-    raw = types.SimpleNamespace(logits=torch.from_numpy(logits), pred_boxes=torch.from_numpy(boxes))
-    found = bare.spec.preprocessor.post_process_object_detection(
-        raw, threshold=0.0, target_sizes=[size]
-    )[0]
-    want = [
-        (bare.spec.id2label[int(label)], float(score), box.int().tolist())
-        for score, label, box in zip(found["scores"], found["labels"], found["boxes"], strict=True)
-    ]
-    got = json.loads(served)
-    if [d["label"] for d in got] != [w[0] for w in want]:
-        return f"MISMATCH (labels differ over {len(want)} detections)"
-    score = max((abs(d["score"] - w[1]) for d, w in zip(got, want, strict=True)), default=0.0)
-    px = max(
-        (
-            abs(d["box"][k] - v)
-            for d, w in zip(got, want, strict=True)
-            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), w[2], strict=True)
-        ),
-        default=0,
-    )
+    (found,) = post_process_detections(bare.spec.preprocessor, logits, boxes, 0.0, [size])
+    want = pipeline_detections(found, bare.spec.id2label)
     bound = 1e-3 if bare.target.precision == "fp32" else 0.05
-    ok = score <= bound and px <= 1
-    return (
-        f"{'ok' if ok else 'MISMATCH'} ({len(want)} detections, |score| {score:.1e}, "
-        f"boxes within {px} px)"
-    )
+    row = judge_detections([json.loads(served)], [want], bound, 1)
+    return f"{'ok' if row.passed else 'MISMATCH'} ({row.note}, |score| {row.value:.1e})"
 
 
 def check_entities(served: bytes, bare: Bare, text: str) -> str:
@@ -556,6 +535,7 @@ def check_entities(served: bytes, bare: Bare, text: str) -> str:
     the fp32 export's bound."""
     import json
 
+    from hf_triton.conformance import judge_entities
     from hf_triton.templates.hf_common import TokenEntities
 
     tok = bare.spec.preprocessor
@@ -572,12 +552,10 @@ def check_entities(served: bytes, bare: Bare, text: str) -> str:
     want = entities(
         text, enc["input_ids"][0], enc["offset_mapping"][0], enc["special_tokens_mask"][0], logits
     )
-    got = json.loads(served)
-    key = [(e["entity"], e["start"], e["end"]) for e in got]
-    if key != [(e["entity"], e["start"], e["end"]) for e in want]:
-        return f"MISMATCH (labels or offsets differ over {len(want)} tokens)"
-    diff = max((abs(a["score"] - b["score"]) for a, b in zip(got, want, strict=True)), default=0)
-    return f"{'ok' if diff <= 1e-3 else 'MISMATCH'} ({len(want)} token labels, |score| {diff:.1e})"
+    row = judge_entities([json.loads(served)], [want], 1e-3)
+    if not row.passed:
+        return f"MISMATCH ({row.note}, |score| {row.value:.1e})"
+    return f"ok ({len(want)} token labels, |score| {row.value:.1e})"
 
 
 def check_answer(served: np.ndarray, bare: np.ndarray, precision: str) -> str:

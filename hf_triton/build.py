@@ -307,9 +307,13 @@ def build(
         raise tasks.UnsupportedModel(f"approach must be one of {APPROACHES}, got {approach!r}")
     options = options or BuildOptions()
     _check_names(options)
-    if not 0.0 <= options.threshold <= 1.0 or options.top_k < 0:
+    if not 0.0 <= options.threshold <= 1.0:
         raise tasks.UnsupportedModel(
-            f"threshold {options.threshold} must be in [0, 1] and top_k {options.top_k} >= 0"
+            f"--threshold {options.threshold}: a detection score is between 0 and 1"
+        )
+    if options.top_k < 0:
+        raise tasks.UnsupportedModel(
+            f"--top-k {options.top_k}: the number of detections to keep, >= 0 (0: all)"
         )
     if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise tasks.UnsupportedModel(

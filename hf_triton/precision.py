@@ -406,14 +406,9 @@ def _per_example(spec: ModelSpec, chunk: list[Any], outs: list[np.ndarray]) -> A
     if not spec.postprocessed:
         return outs[0]
     if spec.modality == "image":
-        import types
-
-        import torch
-
-        raw = types.SimpleNamespace(
-            logits=torch.from_numpy(outs[0]), pred_boxes=torch.from_numpy(outs[1])
+        found = hf_common.post_process_detections(
+            spec.preprocessor, outs[0], outs[1], DETECTION_THRESHOLD
         )
-        found = spec.preprocessor.post_process_object_detection(raw, threshold=DETECTION_THRESHOLD)
         return [
             [
                 (int(label), float(score), box.numpy())

@@ -460,6 +460,53 @@ def _load_dense(folder):
     return weight, None if bias is None else bias.float(), _ACTIVATIONS[short]
 
 
+# -- object detection ------------------------------------------------------------------------
+
+
+def post_process_detections(processor, logits, boxes, threshold, target_sizes=None):
+    """The image processor's own ``post_process_object_detection`` on numpy model outputs
+    (batch first): per image, ``scores``, ``labels`` and ``boxes`` (x0, y0, x1, y1) in the
+    target sizes' pixels, or in 0..1 without them."""
+    import types
+
+    import torch
+
+    raw = types.SimpleNamespace(
+        logits=torch.from_numpy(np.ascontiguousarray(logits, np.float32)),
+        pred_boxes=torch.from_numpy(np.ascontiguousarray(boxes, np.float32)),
+    )
+    return processor.post_process_object_detection(
+        raw, threshold=threshold, target_sizes=target_sizes
+    )
+
+
+def pipeline_detections(found, id2label, top_k=0):
+    """One image's post-processed detections as transformers' object-detection pipeline
+    reports them (``score``, ``label``, integer ``box``); ``top_k`` > 0: the k best, highest
+    first."""
+    detections = [
+        {
+            "score": float(score),
+            "label": id2label[int(label)],
+            "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), box.int().tolist(), strict=True)),
+        }
+        for score, label, box in zip(found["scores"], found["labels"], found["boxes"], strict=True)
+    ]
+    if top_k:
+        detections = sorted(detections, key=lambda d: -d["score"])[:top_k]
+    return detections
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def request_parameters(request):
+    """A Triton request's parameters as a dict (empty when it has none, or on a Python backend
+    too old to pass them)."""
+    raw = request.parameters() if hasattr(request, "parameters") else "{}"
+    return json.loads(raw or "{}")
+
+
 # -- batching --------------------------------------------------------------------------------
 
 

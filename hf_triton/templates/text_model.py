@@ -81,19 +81,23 @@ class TritonPythonModel:
         self.pooling = None
         self.entities = None
         input_names = [i["name"] for i in config["input"]]
+        self.postprocess_only = "logits" in input_names
         precision = params.get("precision", "fp32")
         if task == "token-classification":
-            label_config = transformers.AutoConfig.from_pretrained(local)
+            id2label = transformers.AutoConfig.from_pretrained(local).id2label
             self.strategy = params.get("aggregation_strategy") or "simple"
-            ignore = tuple(x for x in params.get("ignore_labels", "O").split(",") if x)
-            # Built per strategy on first use; this one checks the parameters at load.
-            self.entities = {
-                self.strategy: hf_common.TokenEntities(
-                    self.tokenizer, label_config.id2label, self.strategy, ignore
+            if self.strategy not in hf_common.AGGREGATION_STRATEGIES:
+                raise ModelError(
+                    f"parameter aggregation_strategy {self.strategy!r}: one of "
+                    f"{', '.join(hf_common.AGGREGATION_STRATEGIES)}"
                 )
+            ignore = tuple(x for x in params.get("ignore_labels", "O").split(",") if x)
+            # One per strategy: a request may ask for any of them.
+            self.entities = {
+                s: hf_common.TokenEntities(self.tokenizer, id2label, s, ignore)
+                for s in hf_common.AGGREGATION_STRATEGIES
             }
-            self._entity_args = (label_config.id2label, ignore)
-        if "logits" in input_names:
+        if self.postprocess_only:
             role = "postprocessing: logits -> entities"
             if self.entities is None:
                 raise ModelError(f"inputs {input_names}: a logits input needs token-classification")
@@ -119,7 +123,6 @@ class TritonPythonModel:
                     f"{sorted(produced)}"
                 )
             role = "tokenizer only"
-        self.postprocess_only = "logits" in input_names
         pooling = f", pooling {self.pooling.describe()}" if self.pooling else ""
         if self.entities is not None:
             pooling += f", aggregation {self.strategy}"
@@ -133,16 +136,11 @@ class TritonPythonModel:
         """The request's aggregation_strategy parameter, else the config's."""
         if self.entities is None:
             return None
-        raw = request.parameters() if hasattr(request, "parameters") else "{}"
-        strategy = json.loads(raw or "{}").get("aggregation_strategy", self.strategy)
-        if strategy not in self.entities:
-            if strategy not in hf_common.AGGREGATION_STRATEGIES:
-                raise BadInput(
-                    f"parameter aggregation_strategy {strategy!r}: one of "
-                    f"{', '.join(hf_common.AGGREGATION_STRATEGIES)}"
-                )
-            self.entities[strategy] = hf_common.TokenEntities(
-                self.tokenizer, self._entity_args[0], strategy, self._entity_args[1]
+        strategy = hf_common.request_parameters(request).get("aggregation_strategy", self.strategy)
+        if not isinstance(strategy, str) or strategy not in self.entities:
+            raise BadInput(
+                f"parameter aggregation_strategy {strategy!r}: one of "
+                f"{', '.join(hf_common.AGGREGATION_STRATEGIES)}"
             )
         return strategy
 

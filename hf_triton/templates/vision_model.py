@@ -391,8 +391,7 @@ class TritonPythonModel:
 
     def _settings(self, request):
         """threshold and top_k: the request's parameters, else the config's."""
-        raw = request.parameters() if hasattr(request, "parameters") else "{}"
-        given = json.loads(raw or "{}")
+        given = hf_common.request_parameters(request)
         return {
             "threshold": _threshold(given.get("threshold", self.detection["threshold"]), BadInput),
             "top_k": _top_k(given.get("top_k", self.detection["top_k"]), BadInput),
@@ -483,33 +482,12 @@ class TritonPythonModel:
     def _detections(self, rows):
         """The processor's post_process_object_detection per image, formatted as transformers'
         object-detection pipeline formats it; then the top_k best, when asked."""
-        import types
-
-        import torch
-
         out = np.empty((len(rows), 1), dtype=object)
         for j, (logits, boxes, size, settings) in enumerate(rows):
-            raw = types.SimpleNamespace(
-                logits=torch.from_numpy(np.ascontiguousarray(logits[None], np.float32)),
-                pred_boxes=torch.from_numpy(np.ascontiguousarray(boxes[None], np.float32)),
+            (found,) = hf_common.post_process_detections(
+                self.processor, logits[None], boxes[None], settings["threshold"], [size]
             )
-            found = self.processor.post_process_object_detection(
-                raw, threshold=settings["threshold"], target_sizes=[size]
-            )[0]
-            detections = [
-                {
-                    "score": float(score),
-                    "label": self.id2label[int(label)],
-                    "box": dict(
-                        zip(("xmin", "ymin", "xmax", "ymax"), box.int().tolist(), strict=True)
-                    ),
-                }
-                for score, label, box in zip(
-                    found["scores"], found["labels"], found["boxes"], strict=True
-                )
-            ]
-            if settings["top_k"]:
-                detections = sorted(detections, key=lambda d: -d["score"])[: settings["top_k"]]
+            detections = hf_common.pipeline_detections(found, self.id2label, settings["top_k"])
             out[j, 0] = json.dumps(detections).encode("utf-8")
         return {DETECTIONS: out}
 
