@@ -26,15 +26,20 @@ from pathlib import Path
 from hf_triton import export, precision, tasks
 from hf_triton.spec import ModelSpec
 from hf_triton.tasks import IMAGE_INPUTS, IMAGE_SIZES, TEXT_INPUTS, TOKEN_OFFSETS, Task, Tensor
+from hf_triton.templates import hf_common
 from hf_triton.templates.hf_common import AGGREGATION_STRATEGIES
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 MODEL_PY = {"image": TEMPLATES / "vision_model.py", "text": TEMPLATES / "text_model.py"}
+#: Zero-shot image classification: calls an image-text model's two towers (BLS).
+ZERO_SHOT_PY = TEMPLATES / "zero_shot_model.py"
 #: Copied beside every model.py: the code and tables the two templates share.
 COMMON_PY = TEMPLATES / "hf_common.py"
 APPROACHES = ("python", "ensemble", "both")
+#: The ONNX config parameter naming an image-text model's tower ("image" or "text").
+TOWER_PARAMETER = "tower"
 LABELS = "labels.txt"
 
 
@@ -97,9 +102,10 @@ def _comment(text: str, indent: str) -> list[str]:
 def _tensors(
     kind: str,
     tensors: tuple[Tensor, ...] | list[Tensor],
-    optional: bool = False,
+    optional: bool | frozenset[str] = False,
     label_file: bool = False,
 ) -> list[str]:
+    """``optional``: every tensor (True), or those named."""
     lines = [f"{kind} ["]
     for i, t in enumerate(tensors):
         lines.append("  {")
@@ -107,7 +113,7 @@ def _tensors(
         lines.append(f'    name: "{t.name}"')
         lines.append(f"    data_type: {t.data_type}")
         lines.append(f"    dims: [ {', '.join(str(d) for d in t.dims)} ]")
-        if optional:
+        if optional is True or (optional and t.name in optional):
             lines.append("    optional: true")
         if label_file and t.labels:
             lines.append(f'    label_filename: "{LABELS}"')
@@ -185,7 +191,7 @@ def _python_config(
     outputs,
     params,
     options,
-    optional_inputs: bool,
+    optional_inputs: bool | frozenset[str],
     instances: int = 1,
     kind: str = "KIND_CPU",
 ) -> str:
@@ -251,6 +257,12 @@ def _modality_params(spec: ModelSpec) -> list[tuple[str, str, str]]:
             "Tokens per text; longer texts are truncated (set truncation false to refuse them).",
         ),
         ("truncation", "true", ""),
+        (
+            "padding",
+            spec.padding,
+            '"longest": a batch is padded to its longest text; "max_length": every text to\n'
+            "max_length (a model that pools a fixed position, as SigLIP's text tower).",
+        ),
     ]
 
 
@@ -332,6 +344,8 @@ def build(
     approaches = ["python", "ensemble"] if approach == "both" else [approach]
     for a in approaches:
         precision.check_precision(options.precision, a)
+    if spec.image_text:
+        return _build_image_text(spec, out, approaches, options, export_onnx, result)
     if options.precision != "fp32" and "python" in approaches:
         # Refused variants are never written.
         result.gates.append(precision.gate_python(spec, options.precision))
@@ -473,6 +487,158 @@ def build(
     return result
 
 
+def _build_image_text(
+    spec: ModelSpec,
+    out: Path,
+    approaches: list[str],
+    options: BuildOptions,
+    export_onnx: bool,
+    result: BuildResult,
+) -> BuildResult:
+    """An image-text model (CLIP, SigLIP): per approach, one model per tower (image ->
+    ``image_embeds``, text -> ``text_embeds``) and the zero-shot model calling both.
+
+    python_model_repository: ``python_<name>_image``, ``python_<name>_text`` (each a Python
+    pipeline) and ``python_<name>``; ensemble_model_repository: ``<preprocessing>`` and
+    ``<preprocessing>_text`` (image processor, tokenizer), ``<name>_image`` and ``<name>_text``
+    (the towers' model.onnx), ``<ensemble>_image`` and ``<ensemble>_text`` (ensembles of
+    those), and ``<ensemble>`` (zero-shot).
+    """
+    if options.precision != "fp32":
+        raise tasks.UnsupportedModel(
+            f"{spec.checkpoint}: {spec.task.name} is built in fp32 only (no accuracy gate "
+            f"judges reduced-precision zero-shot scores yet); --precision {options.precision} "
+            "is refused"
+        )
+    towers = {side: spec.for_tower(side) for side in hf_common.EMBEDDINGS}
+    scoring, scale, bias = spec.zero_shot_scoring
+    inputs = {"image": IMAGE_INPUTS, "text": TEXT_INPUTS}
+    optional = frozenset(t.name for t in IMAGE_INPUTS)
+
+    def zero_shot(repo: Path, name: str, image_model: str, text_model: str) -> None:
+        params = [
+            ("task", spec.task.name, f"{spec.task.description}."),
+            ("image_model", image_model, "Called for image_embeds (BLS)."),
+            ("text_model", text_model, "Called for text_embeds, one row per hypothesis (BLS)."),
+            (
+                "hypothesis_template",
+                hf_common.HYPOTHESIS_TEMPLATE,
+                "{} is replaced by each label (the pipeline's default); a request may pass\n"
+                "its own as the parameter hypothesis_template.",
+            ),
+            (
+                "scoring",
+                scoring,
+                "softmax over the labels (CLIP), or a sigmoid per label (SigLIP).",
+            ),
+            ("logit_scale", repr(scale), "exp(logit_scale) of the weights: cosine -> logit."),
+            ("logit_bias", repr(bias), "Added to every logit (SigLIP's logit_bias)."),
+        ]
+        header = (
+            "Zero-shot image classification: each label in the hypothesis template, scored "
+            f"against the image\nby {image_model} and {text_model} (Python backend, BLS)."
+        )
+        lines = _python_config(
+            name,
+            header,
+            spec.task,
+            [*IMAGE_INPUTS, tasks.CANDIDATE_LABELS],
+            list(spec.task.outputs),
+            params,
+            options,
+            optional_inputs=optional,
+        )
+        _write_model(repo / name, lines, ZERO_SHOT_PY, None)
+
+    if "python" in approaches:
+        repo = out / "python_model_repository"
+        entry = f"python_{options.name}"
+        for side, tower in towers.items():
+            name = f"{entry}_{side}"
+            params = [
+                *_checkpoint_params(tower, options),
+                ("precision", "fp32", "fp32: the reference."),
+                (
+                    "torch_threads",
+                    str(options.torch_threads),
+                    "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
+                ),
+            ]
+            header = (
+                f"The {side} tower of an image-text model: "
+                f"{'image processor' if side == 'image' else 'tokenizer'} + model -> "
+                f"{hf_common.EMBEDDINGS[side]}, L2-normalised (Python backend)."
+            )
+            config = _python_config(
+                name,
+                header,
+                spec.task,
+                inputs[side],
+                tower.outputs,
+                params,
+                options,
+                optional_inputs=len(inputs[side]) > 1,
+                instances=options.instances,
+                kind=options.instance_kind,
+            )
+            _write_model(repo / name, config, MODEL_PY[side], None)
+            result.models.append(name)
+        zero_shot(repo, entry, f"{entry}_image", f"{entry}_text")
+        result.repositories.append(repo)
+        result.models.append(entry)
+        result.entry_models += [entry, f"{entry}_image", f"{entry}_text"]
+
+    if "ensemble" in approaches:
+        repo = out / "ensemble_model_repository"
+        for side, tower in towers.items():
+            pre = options.preprocessing_name + ("" if side == "image" else "_text")
+            onnx_name = f"{options.name}_{side}"
+            ensemble = f"{options.ensemble_name}_{side}"
+            if side == "image":
+                mid = [Tensor("pixel_values", "TYPE_FP32", tower.pixel_dims)]
+            else:
+                mid = [Tensor(n, "TYPE_INT64", (-1,)) for n in tower.inputs]
+            step = "image processor" if side == "image" else "tokenizer"
+            config = _python_config(
+                pre,
+                f"The {side} tower's first step: the checkpoint's {step}, batch in, batch out.",
+                spec.task,
+                inputs[side],
+                mid,
+                _checkpoint_params(tower, options),
+                options,
+                optional_inputs=len(inputs[side]) > 1,
+                instances=options.preprocessing_instances,
+            )
+            _write_model(repo / pre, config, MODEL_PY[side], None)
+            _write_onnx_config(repo / onnx_name, options, None, tower=side)
+            steps = [(pre, list(inputs[side]), mid), (onnx_name, mid, tower.outputs)]
+            _write_ensemble(
+                repo / ensemble, options, inputs[side], tower.outputs, steps, None, onnx_name
+            )
+            if export_onnx:
+                report = export.export_onnx(tower, repo / onnx_name / "1" / "model.onnx")
+                if result.validation is None:
+                    result.validation = report
+                else:
+                    result.validation.max_abs_diff.update(report.max_abs_diff)
+            result.models += [pre, onnx_name, ensemble]
+        zero_shot(
+            repo,
+            options.ensemble_name,
+            f"{options.ensemble_name}_image",
+            f"{options.ensemble_name}_text",
+        )
+        result.repositories.append(repo)
+        result.models.append(options.ensemble_name)
+        result.entry_models += [
+            options.ensemble_name,
+            f"{options.ensemble_name}_image",
+            f"{options.ensemble_name}_text",
+        ]
+    return result
+
+
 #: Triton model names, as directory names: letters, digits, '_', '-', '.', not starting with '.'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -500,15 +666,23 @@ def _write_model(model_dir: Path, config_text: str, model_py: Path, labels: list
         (model_dir / LABELS).write_text("\n".join(labels) + "\n")
 
 
-def _write_onnx_config(model_dir: Path, options: BuildOptions, labels: list[str] | None) -> None:
-    """Tuning only: ONNX Runtime auto-completes inputs, outputs and max_batch_size."""
+def _write_onnx_config(
+    model_dir: Path,
+    options: BuildOptions,
+    labels: list[str] | None,
+    tower: str | None = None,
+) -> None:
+    """Tuning only: ONNX Runtime auto-completes inputs, outputs and max_batch_size.
+
+    ``tower``: the model.onnx is that tower of an image-text model (a parameter the launcher
+    reads to export the right one; ONNX Runtime ignores it)."""
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "1" / ".gitkeep").touch()
     lines = [
         "# Tuning only. Inputs, outputs and max_batch_size are NOT declared: ONNX Runtime",
         "# auto-completes them from model.onnx (as in the tutorial), here and in NVIDIA's "
         "container.",
-        f'name: "{options.name}"',
+        f'name: "{model_dir.name}"',
         'backend: "onnxruntime"',
         "",
         *_instances(
@@ -543,6 +717,11 @@ def _write_onnx_config(model_dir: Path, options: BuildOptions, labels: list[str]
                     "Read by the Python-based backend; the native "
                     "one takes `optimization { graph { level } }`.",
                 ),
+                *(
+                    [(TOWER_PARAMETER, tower, "Which tower of the image-text model this is.")]
+                    if tower
+                    else []
+                ),
             ]
         ),
     ]
@@ -558,17 +737,20 @@ def _write_ensemble(
     outputs,
     steps: list[tuple[str, list[Tensor], list[Tensor]]],
     labels: list[str] | None,
+    onnx_model: str | None = None,
 ) -> None:
-    """``steps``: (model, its inputs, its outputs); every tensor keeps its name end to end."""
+    """``steps``: (model, its inputs, its outputs); every tensor keeps its name end to end.
+    ``onnx_model``: the step served by ONNX Runtime (default: ``options.name``)."""
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "1" / ".gitkeep").touch()
+    onnx_model = onnx_model or options.name
     chain = " -> ".join(
-        f"{name} ({'model.onnx, ONNX Runtime' if name == options.name else 'Python backend'})"
+        f"{name} ({'model.onnx, ONNX Runtime' if name == onnx_model else 'Python backend'})"
         for name, _, _ in steps
     )
     lines = [
         f"# Approach 2: {inputs[0].name} -> {chain}.",
-        f'name: "{options.ensemble_name}"',
+        f'name: "{model_dir.name}"',
         'platform: "ensemble"',
         "# No larger than any step's: the ONNX model gets default-max-batch-size (the launcher",
         "# passes --backend-config=default-max-batch-size=8).",

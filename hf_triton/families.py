@@ -150,6 +150,8 @@ class Family:
     _build_config: Callable[[str, Any], Any] = field(repr=False, compare=False)
     #: Re-initialises weights after construction where the default init degenerates.
     _init_weights: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    #: Image-text models: the tokenizer, saved with the image processor as one processor.
+    _build_tokenizer: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -169,6 +171,13 @@ class Family:
         import transformers
 
         preprocessor = self._build_preprocessor()
+        if task == "zero-shot-image-classification" and self._build_tokenizer is not None:
+            # CLIPModel -> CLIPProcessor, SiglipModel -> SiglipProcessor: both halves, one save.
+            prefix = self.models[task][: -len("Model")]
+            processor_class = getattr(transformers, prefix + "Processor")
+            preprocessor = processor_class(
+                image_processor=preprocessor, tokenizer=self._build_tokenizer()
+            )
         config = self._build_config(task, preprocessor)
         if task.endswith("-classification") or task == "object-detection":
             labels = IMAGE_LABELS if self.modality == "image" else TEXT_LABELS
@@ -224,7 +233,8 @@ class _Learnt:
 
 @cache
 def _learn(backend_class: str, kind: str) -> _Learnt:
-    """Learn ``kind`` ("wordpiece", "bpe" or "unigram") pieces through ``backend_class``.
+    """Learn ``kind`` ("wordpiece", "bpe", "bpe-eow" or "unigram") pieces through
+    ``backend_class``; "bpe-eow" is CLIP's byte-level BPE, whose word ends carry ``</w>``.
 
     The corpus goes through the normaliser and pre-tokenizer of ``backend_class`` (the
     transformers tokenizer class, built with its placeholder vocabulary), so the pieces fit
@@ -244,12 +254,16 @@ def _learn(backend_class: str, kind: str) -> _Learnt:
         words.update(word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text))
 
     wordpiece = kind == "wordpiece"
-    if kind == "bpe":
+    if kind in ("bpe", "bpe-eow"):
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        if kind == "bpe-eow":  # every byte also as a word's last symbol: no text is unknown
+            alphabet |= {c + _EOW for c in alphabet}
     else:
         chars = set(_ALPHABET) | {c for word in words for c in word}
         alphabet = chars | {"##" + c for c in chars} if wordpiece else chars
     seqs = [[w[0], *("##" + c for c in w[1:])] if wordpiece else list(w) for w in words]
+    if kind == "bpe-eow":
+        seqs = [[*seq[:-1], seq[-1] + _EOW] for seq in seqs]
     weights = list(words.values())
 
     pairs: Counter[tuple[str, str]] = Counter()
@@ -343,6 +357,63 @@ def _roberta_bpe() -> Any:
         vocab=_vocab_dict(("<s>", "<pad>", "</s>", "<unk>"), pieces, ("<mask>",)),
         merges=merges,  # type: ignore[arg-type]  # (left, right) pairs, as loading passes them
         model_max_length=MODEL_MAX_LENGTH,
+    )
+
+
+_EOW = "</w>"
+#: CLIP's context length (openai/clip-vit-base-patch32's model_max_length).
+CLIP_MAX_LENGTH = 77
+
+
+def _clip_bpe() -> Any:
+    """CLIP's tokenizer: byte-level BPE with ``</w>`` word ends, lower case, and
+    ``<|startoftext|>``, ``<|endoftext|>`` last (as openai/clip-vit-base-patch32: the text
+    tower pools at the first end-of-text token, and the vocabulary's last id is it too)."""
+    from transformers import CLIPTokenizer
+
+    learnt = _learn("CLIPTokenizer", "bpe-eow")
+    vocab = _vocab_dict((), _pieces(learnt), ("<|startoftext|>", "<|endoftext|>"))
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=list(learnt.merges),  # type: ignore[arg-type]  # (left, right) pairs
+        model_max_length=CLIP_MAX_LENGTH,
+    )
+
+
+#: SigLIP's text length: the zero-shot pipeline pads every text to it.
+SIGLIP_MAX_LENGTH = 64
+
+
+def _siglip_unigram() -> Any:
+    """SigLIP's SentencePiece Unigram (``</s>`` pads and ends, ``<unk>``, lower case, byte
+    fallback, Metaspace) as a fast tokenizer: ``SiglipTokenizer`` needs the sentencepiece
+    package, which this project does not depend on. Only ``input_ids``, as SigLIP's."""
+    import math
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    learnt = _learn("XLMRobertaTokenizer", "unigram")
+    specials = ("<pad>", "</s>", "<unk>")
+    pieces = [p for p in _pieces(learnt) if p not in specials]
+    total = sum(learnt.counts.values()) + len(pieces)
+    vocab = [(token, 0.0) for token in specials]
+    vocab += [(p, math.log((learnt.counts.get(p, 0) + 1) / total)) for p in pieces]
+    vocab += [(f"<0x{b:02X}>", math.log(1 / total) - 10.0) for b in range(256)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids"],
+        model_max_length=SIGLIP_MAX_LENGTH,
     )
 
 
@@ -703,16 +774,64 @@ def _detector_weights(model: Any) -> None:
     _cnn_weights(model)
 
 
-def _clip_config(task: str, _processor: Any) -> Any:
-    """CLIPVisionConfig for the vision tower; CLIPConfig (with a tiny text tower, unused) for
-    CLIPForImageClassification, which takes the full config and uses only the vision model."""
+def _clip_config(task: str, processor: Any) -> Any:
+    """CLIPVisionConfig for the vision tower; CLIPConfig for CLIPForImageClassification (a
+    tiny text tower, unused) and for CLIPModel (zero-shot: a text tower that fits the
+    tokenizer, 77 positions, projections to 16, the hub's initial logit scale)."""
     from transformers import CLIPConfig, CLIPVisionConfig
 
     vision = {**_VIT_SIZES, "image_size": 224, "patch_size": 32, "projection_dim": 32}
     if task == "image-feature-extraction":
         return CLIPVisionConfig(**vision)
     text = {**_VIT_SIZES, "vocab_size": 64, "max_position_embeddings": 16, "projection_dim": 32}
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    if task != "zero-shot-image-classification":
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    tok = processor.tokenizer
+    text = {
+        **_VIT_SIZES,
+        "vocab_size": len(tok),
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    return CLIPConfig(
+        text_config=text,
+        vision_config={**vision, "projection_dim": 16},
+        projection_dim=16,
+        logit_scale_init_value=2.6592,
+    )
+
+
+def _siglip_weights(model: Any) -> None:
+    """A logit scale and bias that spread the sigmoid scores (SigLIP's init gives scale 1, bias
+    0, where every label scores ~0.5 and a rounding difference reorders them)."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-2.0)
+
+
+def _siglip_config(_task: str, processor: Any) -> Any:
+    """SiglipConfig: tiny towers, a text tower of 64 positions that fits the tokenizer."""
+    from transformers import SiglipConfig
+
+    tok = processor.tokenizer
+    text = {
+        **_VIT_SIZES,
+        "vocab_size": len(tok),
+        "max_position_embeddings": SIGLIP_MAX_LENGTH,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": None,
+        "projection_size": _VIT_SIZES["hidden_size"],
+    }
+    return SiglipConfig(
+        text_config=text, vision_config={**_VIT_SIZES, "image_size": 224, "patch_size": 32}
+    )
 
 
 # --------------------------------------------------------------------------- the tables
@@ -733,9 +852,13 @@ def _image(
     base: str | None = None,
     tasks: tuple[str, ...] = _IMAGE,
     init_weights: Callable[[Any], None] | None = None,
+    zero_shot: tuple[str, Callable[[], Any]] | None = None,
 ) -> Family:
+    """An image family; ``zero_shot``: (image-text model class, its tokenizer builder)."""
     classes = (base or f"{prefix}Model", classifier or f"{prefix}ForImageClassification")
     models = {task: cls for task, cls in zip(_IMAGE, classes, strict=True) if task in tasks}
+    if zero_shot is not None:
+        models["zero-shot-image-classification"] = zero_shot[0]
     return Family(
         name,
         "image",
@@ -746,6 +869,7 @@ def _image(
         build_processor,
         build_config,
         init_weights,
+        zero_shot[1] if zero_shot else None,
     )
 
 
@@ -993,6 +1117,25 @@ _FAMILY_LIST: tuple[Family, ...] = (
         ),
         _clip_config,
         base="CLIPVisionModel",
+        zero_shot=("CLIPModel", _clip_bpe),
+    ),
+    Family(
+        "siglip",
+        "image",
+        MappingProxyType({"zero-shot-image-classification": "SiglipModel"}),
+        "SiglipImageProcessor",
+        "resize 224x224 bicubic, mean/std 0.5; Unigram text padded to 64, sigmoid scores",
+        "google/siglip-base-patch16-224",
+        _processor(
+            "SiglipImageProcessor",
+            size={"height": 224, "width": 224},
+            resample=_BICUBIC,
+            image_mean=_HALF,
+            image_std=_HALF,
+        ),
+        _siglip_config,
+        _siglip_weights,
+        _build_tokenizer=_siglip_unigram,
     ),
     Family(
         "rt-detr",

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: Tokens in the probe text: long enough for every tokenizer to make several pieces.
 _PROBE_TEXT = "Probe sentence, with punctuation: naïve café 42."
+#: Image-text models whose zero-shot pipeline pads every text to this length (and scores each
+#: label with a sigmoid): transformers' zero-shot-image-classification pipeline's rule.
+PAD_TO_MAX_LENGTH = {"siglip": 64}
 
 
 @dataclass
@@ -37,6 +40,8 @@ class ModelSpec:
     config: dict[str, Any]
     task: Task
     requested_max_length: int | None = None
+    #: "image" or "text": this spec is that tower of an image-text model (CLIP, SigLIP).
+    tower: str | None = None
 
     @classmethod
     def resolve(
@@ -56,7 +61,37 @@ class ModelSpec:
 
     @property
     def modality(self) -> str:
-        return self.task.modality
+        return self.tower or self.task.modality
+
+    @property
+    def image_text(self) -> bool:
+        """An image-text model (CLIP, SigLIP): two towers, each exported and served."""
+        return self.task.name == hf_common.ZERO_SHOT
+
+    def for_tower(self, side: str) -> ModelSpec:
+        """The ``side`` tower of this image-text model, sharing the loaded model."""
+        if not self.image_text:
+            raise UnsupportedModel(f"{self.checkpoint}: {self.task.name} has no towers")
+        tower = ModelSpec(
+            self.checkpoint, self.path, self.config, self.task, self.requested_max_length, side
+        )
+        tower.__dict__["model"] = self.model  # loaded once, shared by both towers
+        return tower
+
+    @property
+    def padding(self) -> str:
+        """How a batch of texts is padded: "longest", or "max_length" (SigLIP)."""
+        return "max_length" if self.config.get("model_type") in PAD_TO_MAX_LENGTH else "longest"
+
+    @cached_property
+    def zero_shot_scoring(self) -> tuple[str, float, float]:
+        """(scoring, logit scale, logit bias) of an image-text model's zero-shot logits:
+        softmax over ``exp(logit_scale) * cosine`` (CLIP), or a sigmoid of it plus
+        ``logit_bias`` per label (SigLIP), read from the weights."""
+        scoring = "sigmoid" if self.config.get("model_type") in PAD_TO_MAX_LENGTH else "softmax"
+        scale = float(self.model.logit_scale.detach().exp())
+        bias = getattr(self.model, "logit_bias", None)
+        return scoring, scale, 0.0 if bias is None else float(bias.detach().reshape(()))
 
     # -- the pieces, loaded once ----------------------------------------------------------
 
@@ -79,11 +114,18 @@ class ModelSpec:
         return transformers.AutoTokenizer.from_pretrained(str(self.path))
 
     @cached_property
+    def runnable(self) -> Any:
+        """What computes the outputs: the model, or one tower of an image-text model."""
+        if self.tower:
+            return hf_common.embedding_tower(self.model, self.tower)
+        return self.model
+
+    @cached_property
     def inputs(self) -> list[str]:
         """The model's inputs, in ONNX order."""
         if self.modality == "image":
             return ["pixel_values"]
-        return hf_common.model_inputs(self.model, self.preprocessor)
+        return hf_common.model_inputs(self.runnable, self.preprocessor)
 
     @cached_property
     def pooling(self) -> hf_common.Pooling | None:
@@ -109,6 +151,9 @@ class ModelSpec:
             return None
         if self.requested_max_length:
             return self.requested_max_length
+        fixed = PAD_TO_MAX_LENGTH.get(self.config.get("model_type", ""))
+        if fixed:
+            return fixed
         st = self.path / "sentence_bert_config.json"
         if st.exists():
             import json
@@ -116,7 +161,12 @@ class ModelSpec:
             value = json.loads(st.read_text()).get("max_seq_length")
             if value:
                 return int(value)
-        positions = int(self.config.get("max_position_embeddings") or 512)
+        text_config = self.config.get("text_config") or {}
+        positions = int(
+            self.config.get("max_position_embeddings")
+            or text_config.get("max_position_embeddings")
+            or 512
+        )
         embeddings = getattr(self.model.base_model, "embeddings", None)
         padding_idx = getattr(embeddings, "padding_idx", None)
         if padding_idx is not None:  # RoBERTa-style positions start after padding_idx
@@ -133,7 +183,7 @@ class ModelSpec:
             return {"pixel_values": pixels.astype(np.float32)}
         encoded = self.preprocessor(
             examples,
-            padding=True,
+            padding=True if self.padding == "longest" else self.padding,
             truncation=True,
             max_length=self.max_length,
             return_tensors="np",
@@ -161,7 +211,7 @@ class ModelSpec:
         pooling included: the graph the ONNX export traces and the gate runs."""
         import torch
 
-        model, inputs, pooling = self.model, self.inputs, self.pooling
+        model, inputs, pooling = self.runnable, self.inputs, self.pooling
         names = self._raw_output_names
 
         class Served(torch.nn.Module):
@@ -186,16 +236,20 @@ class ModelSpec:
 
         if self.pooling is not None:
             return ["last_hidden_state"]
+        if self.image_text and not self.tower:
+            raise UnsupportedModel(f"{self.checkpoint}: an image-text model runs as its towers")
         feed = self.encode(self._probe_examples())
         try:
             with torch.inference_mode():
-                out = self.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+                out = self.runnable(**{k: torch.from_numpy(v) for k, v in feed.items()})
         except Exception as e:
             raise UnsupportedModel(
                 f"{self.checkpoint}: {type(self.model).__name__} fails on its own "
                 f"{type(self.preprocessor).__name__}'s output: {type(e).__name__}: {e}"
             ) from e
         computed = self.task.model_outputs or self.task.outputs
+        if self.tower:
+            computed = tuple(t for t in computed if t.name == hf_common.EMBEDDINGS[self.tower])
         wanted = [t.name for t in computed]
         produced = [n for n in wanted if getattr(out, n, None) is not None]
         required = [t.name for t in computed if t.name != "pooler_output"]
@@ -280,9 +334,15 @@ class ModelSpec:
                 f"{self.checkpoint}: {self.task.name} needs a fast tokenizer (character "
                 f"offsets); {type(self.preprocessor).__name__} is not one"
             )
+        if self.image_text and not self.tower:
+            for side in hf_common.EMBEDDINGS:
+                self.for_tower(side).check()
+            return
         if self.modality == "text":
             produced = set(self.preprocessor(_PROBE_TEXT).keys())
-            for name in ("input_ids", "attention_mask"):
+            # A batch padded to a fixed length needs no mask when the model takes none (SigLIP).
+            needed = ["input_ids"] + ([] if self.padding == "max_length" else ["attention_mask"])
+            for name in needed:
                 if name not in produced:
                     raise UnsupportedModel(
                         f"{self.checkpoint}: its tokenizer ({type(self.preprocessor).__name__}) "

@@ -128,8 +128,35 @@ TASKS: dict[str, Task] = {
                 Tensor("pred_boxes", "TYPE_FP32", (-1, -1)),
             ),
         ),
+        Task(
+            "zero-shot-image-classification",
+            "image",
+            (
+                Tensor(
+                    "scores",
+                    "TYPE_STRING",
+                    (1,),
+                    "One JSON list per image: what transformers' zero-shot-image-classification\n"
+                    "pipeline returns ([{score, label}], highest first).",
+                ),
+            ),
+            "image + candidate labels -> a score per label (CLIP, SigLIP); the build also "
+            "serves each tower: image -> image_embeds, text -> text_embeds",
+            model_outputs=(
+                Tensor("image_embeds", "TYPE_FP32", (-1,)),
+                Tensor("text_embeds", "TYPE_FP32", (-1,)),
+            ),
+        ),
     )
 }
+#: Zero-shot image classification: the labels to score, given with each image.
+CANDIDATE_LABELS = Tensor(
+    "candidate_labels",
+    "TYPE_STRING",
+    (-1,),
+    "The labels to score for each image (UTF-8), K per image: a request of N images\n"
+    "sends N x K; each label is put into the hypothesis template before it is embedded.",
+)
 #: What the tokenizer step hands the post-processing step besides the model's inputs.
 TOKEN_OFFSETS = (
     Tensor("offset_mapping", "TYPE_INT64", (-1, 2)),
@@ -164,6 +191,8 @@ def infer_task(config: dict[str, Any]) -> str:
             base = arch[: -len(suffix)]
             if arch.endswith(suffix) and not (task is None and ("Head" in base or "For" in base)):
                 if task is None:
+                    if "vision_config" in config and "text_config" in config:
+                        return "zero-shot-image-classification"  # CLIPModel, SiglipModel
                     return (
                         "image-feature-extraction"
                         if is_vision(config)
@@ -172,7 +201,8 @@ def infer_task(config: dict[str, Any]) -> str:
                 return task
     raise UnsupportedModel(
         f"Cannot serve architectures {architectures or '(none listed)'}: supported are "
-        "*Model (feature extraction), *ForImageClassification, *ForSequenceClassification, "
+        "*Model (feature extraction; zero-shot image classification for image-text models "
+        "such as CLIPModel), *ForImageClassification, *ForSequenceClassification, "
         "*ForTokenClassification, *ForObjectDetection. "
         f"Supported tasks: {', '.join(TASKS)} (pass --task to choose)."
     )

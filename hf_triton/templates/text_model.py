@@ -4,7 +4,8 @@ One file, two roles, told apart by the outputs declared in config.pbtxt:
 
 * pipeline (python_model_repository): tokenizer + model in one step; outputs are
   ``sentence_embedding`` (pooled, projected and normalised as the checkpoint's
-  sentence-transformers modules say; mean pooling otherwise) or ``logits`` (classification);
+  sentence-transformers modules say; mean pooling otherwise), ``logits`` (classification)
+  or ``text_embeds`` (an image-text model's text tower, CLIP's or SigLIP's, L2-normalised);
 * preprocessing (ensemble_model_repository): tokenizer only; outputs are the model's
   inputs (``input_ids``, ``attention_mask``, and ``token_type_ids`` when the model takes them),
   fed to model.onnx (plus ``offset_mapping`` and ``special_tokens_mask`` for token tasks);
@@ -68,6 +69,13 @@ class TritonPythonModel:
             raise ModelError(f"task {task!r} is not a text task of {list(hf_common.TEXT_TASKS)}")
         self.max_length = int(params.get("max_length") or 512)
         self.truncate = params.get("truncation", "true").lower() == "true"
+        # "longest": a batch is padded to its longest text; "max_length": every text to
+        # max_length (SigLIP's text tower pools the last position and takes no mask).
+        self.padding = params.get("padding") or "longest"
+        if self.padding not in ("longest", "max_length"):
+            raise ModelError(
+                f"parameter padding must be longest or max_length, not {self.padding!r}"
+            )
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
@@ -104,6 +112,8 @@ class TritonPythonModel:
         elif not set(self.output_names) <= set(hf_common.TOKENIZER_OUTPUTS + OFFSETS):
             auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
             model = auto.from_pretrained(local).to(self.device).eval()
+            if task == hf_common.ZERO_SHOT:  # an image-text model's text tower
+                model = hf_common.embedding_tower(model, "text")
             self.model_inputs = hf_common.model_inputs(model, self.tokenizer)
             self.model, _ = hf_common.apply_precision(model, precision, self.device)
             self.threads = hf_common.set_torch_threads(params)
@@ -194,7 +204,7 @@ class TritonPythonModel:
         # One tokenizer call and one forward pass for every text of every request.
         encoded = self.tokenizer(
             texts,
-            padding=True,
+            padding=True if self.padding == "longest" else self.padding,
             truncation=self.truncate,
             max_length=self.max_length,
             return_tensors="np",
@@ -215,8 +225,8 @@ class TritonPythonModel:
                 for j, (text, strategy) in enumerate(items)
             ]
             return self._entities(rows)
-        if self.pooling is None:
-            return {"logits": out.logits.float().cpu().numpy()}
+        if self.pooling is None:  # logits, or an image-text model's text_embeds
+            return {n: getattr(out, n).float().cpu().numpy() for n in self.output_names}
         mask = torch.from_numpy(encoded["attention_mask"]).to(self.device)
         pooled = self.pooling(out.last_hidden_state, mask)
         return {"sentence_embedding": pooled.cpu().numpy()}

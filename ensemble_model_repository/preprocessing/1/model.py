@@ -4,7 +4,8 @@ The same file serves two roles, told apart by the outputs declared in config.pbt
 
 * ``python_vit`` (python_model_repository): processor + model in one step; outputs are
   the model's own output names (``last_hidden_state``, ``pooler_output``; ``logits`` for
-  image classification).
+  image classification; ``image_embeds`` for an image-text model's image tower, CLIP's or
+  SigLIP's, L2-normalised).
 * ``preprocessing`` (ensemble_model_repository): processor only; the output is
   ``pixel_values``, fed to the ONNX model by the ensemble (object detection adds each image's
   ``target_size``, its height and width as sent);
@@ -41,7 +42,6 @@ Depends on numpy, torch, transformers, pillow, Triton's ``triton_python_backend_
 """
 
 import contextlib
-import io
 import json
 import os
 import threading
@@ -50,18 +50,24 @@ from concurrent.futures import ThreadPoolExecutor
 import hf_common
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from hf_common import BadInput, ModelError
+from hf_common import (
+    IMAGE,
+    IMAGE_BYTES,
+    IMAGE_INPUTS,
+    MAX_SIDE_PX,
+    BadInput,
+    ModelError,
+    check_pixels,
+    check_size,
+    image_size,
+    open_image,
+)
 from PIL import Image, ImageOps
 
-IMAGE = "image"
-IMAGE_UINT8 = "image_uint8"
-IMAGE_BYTES = "image_bytes"
-IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
 PIXEL_VALUES = "pixel_values"
 TARGET_SIZE = "target_size"
 DETECTIONS = "detections"
 #: Defaults of the budgets (config parameters of the same names override them).
-MAX_SIDE_PX = 8192
 MAX_REQUEST_MEGAPIXELS = 64
 #: Pixels decoded and being resized at once, across worker threads (memory: ~12 bytes each).
 MAX_DECODE_MEGAPIXELS = 48
@@ -69,40 +75,11 @@ MAX_DECODE_MEGAPIXELS = 48
 SELF_CHECK_ATOL = 1e-4
 
 
-def _check_size(name, height, width, max_side):
-    if height < 1 or width < 1:
-        raise BadInput(f"input '{name}': expected H x W x 3 with H, W >= 1, got {height} x {width}")
-    if max(height, width) > max_side:
-        raise BadInput(
-            f"input '{name}': image of {height} x {width} exceeds the {max_side} px "
-            "limit per side; resize it before sending"
-        )
-
-
-def _open(name, index, data):
-    """An encoded image opened (only its header is read); BadInput if it is no image."""
-    if len(data) == 0:
-        raise BadInput(f"input '{name}'[{index}]: empty; expected encoded image bytes")
-    try:
-        return Image.open(io.BytesIO(data))
-    except Exception as e:  # PIL raises many types for data it cannot identify
-        raise BadInput(
-            f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
-        ) from e
-
-
-def image_size(name, index, data, max_side):
-    """(height, width) of an encoded image, from its header; checked against ``max_side``."""
-    with _open(name, index, data) as img:
-        _check_size(f"{name}[{index}]", img.height, img.width, max_side)
-        return img.height, img.width
-
-
 def decode(name, index, data):
     """Encoded bytes -> an RGB PIL image, as ``transformers.image_utils.load_image`` makes it:
     EXIF orientation applied, then converted to RGB. The processor reads the PIL image as is,
     so a photo is held decoded once, and only while it is being resized."""
-    img = _open(name, index, data)
+    img = open_image(name, index, data)
     try:
         img.load()
         # In place, and converted only if not RGB yet: load_image's pixels without its copies
@@ -318,6 +295,8 @@ class TritonPythonModel:
         elif not set(self.output_names) <= {PIXEL_VALUES, TARGET_SIZE}:
             auto = getattr(transformers, hf_common.MODEL_CLASSES[task])
             model = auto.from_pretrained(local).to(self.device).eval()
+            if task == hf_common.ZERO_SHOT:  # an image-text model's image tower
+                model = hf_common.embedding_tower(model, "image")
             self.model, self.input_dtype = hf_common.apply_precision(
                 model, self.precision, self.device
             )
@@ -420,17 +399,10 @@ class TritonPythonModel:
                 for i, (data, (h, w)) in enumerate(zip(blobs, sizes, strict=True))
             ]
         images = tensor.as_numpy()
-        _check_size(name, images.shape[1], images.shape[2], self.max_side)
+        check_size(name, images.shape[1], images.shape[2], self.max_side)
         self._check_budget(name, images.shape[0] * images.shape[1] * images.shape[2])
         if name == IMAGE:
-            if not np.isfinite(images).all():
-                raise BadInput(f"input '{name}': pixel values must be finite, got NaN or Inf")
-            low, high = float(images.min()), float(images.max())
-            if low < 0.0 or high > 255.0:
-                raise BadInput(
-                    f"input '{name}': pixel values must be in [0, 255] (RGB, H x W x 3), "
-                    f"got range [{low:g}, {high:g}]"
-                )
+            check_pixels(name, images)
             # 8-bit pixels, as every image processor expects them (a [0, 1] float image would
             # otherwise be rescaled by one path and not by the other).
             return [

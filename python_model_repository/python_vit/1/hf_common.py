@@ -6,7 +6,7 @@ in NVIDIA's container and on Kubernetes alike, and a repository stays self-conta
 ``hf_triton`` package imports the same file (``hf_triton.templates.hf_common``) for its export,
 accuracy gate and benchmark, so the tables and rules below exist exactly once.
 
-Depends on numpy, torch, transformers and huggingface_hub only; never on Triton (model.py turns
+Depends on numpy, torch, transformers, huggingface_hub and pillow only; never on Triton (model.py turns
 :class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on ``hf_triton``.
 """
 
@@ -26,12 +26,14 @@ MODEL_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "object-detection": "AutoModelForObjectDetection",
+    "zero-shot-image-classification": "AutoModelForZeroShotImageClassification",
 }
 
-#: The tasks vision_model.py serves.
-IMAGE_TASKS = ("image-feature-extraction", "image-classification", "object-detection")
-#: The tasks text_model.py serves.
-TEXT_TASKS = ("text-feature-extraction", "text-classification", "token-classification")
+ZERO_SHOT = "zero-shot-image-classification"
+#: The tasks vision_model.py serves (of an image-text model: its image tower).
+IMAGE_TASKS = ("image-feature-extraction", "image-classification", "object-detection", ZERO_SHOT)
+#: The tasks text_model.py serves (of an image-text model: its text tower).
+TEXT_TASKS = ("text-feature-extraction", "text-classification", "token-classification", ZERO_SHOT)
 
 #: What a tokenizer may produce that an encoder takes, in the order the ONNX graph lists them.
 TOKENIZER_OUTPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -460,6 +462,142 @@ def _load_dense(folder):
     return weight, None if bias is None else bias.float(), _ACTIVATIONS[short]
 
 
+# -- images ----------------------------------------------------------------------------------
+
+IMAGE = "image"
+IMAGE_UINT8 = "image_uint8"
+IMAGE_BYTES = "image_bytes"
+#: The three ways a request sends images: exactly one per request.
+IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
+#: Default of the longest side accepted (config parameter max_side_px).
+MAX_SIDE_PX = 8192
+
+
+def check_size(name, height, width, max_side):
+    if height < 1 or width < 1:
+        raise BadInput(f"input '{name}': expected H x W x 3 with H, W >= 1, got {height} x {width}")
+    if max(height, width) > max_side:
+        raise BadInput(
+            f"input '{name}': image of {height} x {width} exceeds the {max_side} px "
+            "limit per side; resize it before sending"
+        )
+
+
+def open_image(name, index, data):
+    """An encoded image opened (only its header is read); BadInput if it is no image."""
+    import io
+
+    from PIL import Image
+
+    if len(data) == 0:
+        raise BadInput(f"input '{name}'[{index}]: empty; expected encoded image bytes")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises many types for data it cannot identify
+        raise BadInput(
+            f"input '{name}'[{index}]: not a decodable image ({type(e).__name__}: {e})"
+        ) from e
+
+
+def image_size(name, index, data, max_side):
+    """(height, width) of an encoded image, from its header; checked against ``max_side``."""
+    with open_image(name, index, data) as img:
+        check_size(f"{name}[{index}]", img.height, img.width, max_side)
+        return img.height, img.width
+
+
+def check_pixels(name, images):
+    """FP32 pixels: finite and in 0..255 (8-bit RGB values, as every image processor expects)."""
+    if not np.isfinite(images).all():
+        raise BadInput(f"input '{name}': pixel values must be finite, got NaN or Inf")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 255.0:
+        raise BadInput(
+            f"input '{name}': pixel values must be in [0, 255] (RGB, H x W x 3), "
+            f"got range [{low:g}, {high:g}]"
+        )
+
+
+def check_images(name, tensor, max_side=MAX_SIDE_PX):
+    """What can be checked of a request's images before any is decoded: each encoded image's
+    header and size, or an array's size and (FP32) its values. Raises :class:`BadInput`."""
+    if name == IMAGE_BYTES:
+        for i, data in enumerate(tensor.reshape(-1)):
+            image_size(name, i, bytes(data), max_side)
+        return
+    if tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise BadInput(f"input '{name}': expected N x H x W x 3, got {list(tensor.shape)}")
+    check_size(name, tensor.shape[1], tensor.shape[2], max_side)
+    if name == IMAGE:
+        check_pixels(name, tensor)
+
+
+# -- image-text models (CLIP, SigLIP) ----------------------------------------------------------
+
+#: An image-text model's towers and what each serves.
+EMBEDDINGS = {"image": "image_embeds", "text": "text_embeds"}
+#: transformers' zero-shot-image-classification pipeline's default.
+HYPOTHESIS_TEMPLATE = "This is a photo of {}."
+ZERO_SHOT_SCORING = ("softmax", "sigmoid")
+
+
+class Embeddings(dict):
+    """A tower's outputs by name, read as attributes too (as transformers' model outputs)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def embedding_tower(model, side):
+    """The ``side`` ("image" or "text") tower of an image-text ``model`` as a module whose
+    output is ``image_embeds`` / ``text_embeds``: ``get_image_features`` /
+    ``get_text_features``, L2-normalised as the model's own forward normalises them."""
+    import torch
+
+    if side not in EMBEDDINGS:
+        raise ModelError(f"an image-text model has towers {list(EMBEDDINGS)}, not {side!r}")
+
+    class EmbeddingTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.config = model.config
+
+        def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+            if side == "image":
+                out = self.model.get_image_features(pixel_values=pixel_values)
+            else:
+                out = self.model.get_text_features(
+                    input_ids=input_ids, attention_mask=attention_mask
+                )
+            # transformers 5 returns an output object; 4.x the projected tensor itself.
+            features = getattr(out, "pooler_output", out)
+            embeds = features / features.norm(p=2, dim=-1, keepdim=True)
+            return Embeddings({EMBEDDINGS[side]: embeds})
+
+    return EmbeddingTower().eval()
+
+
+def zero_shot_ranking(logits, labels, scoring):
+    """One image's logits over its candidate ``labels`` -> what transformers'
+    zero-shot-image-classification pipeline returns: ``[{"score", "label"}]``, highest first
+    (ties keep the labels' order). ``scoring``: "softmax" over the labels (CLIP) or an
+    independent "sigmoid" per label (SigLIP)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if scoring == "softmax":
+        exp = np.exp(logits - logits.max())
+        scores = exp / exp.sum()
+    elif scoring == "sigmoid":
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        raise ModelError(f"scoring must be one of {ZERO_SHOT_SCORING}, got {scoring!r}")
+    order = sorted(range(len(labels)), key=lambda i: -scores[i])
+    return [{"score": float(scores[i]), "label": labels[i]} for i in order]
+
+
 # -- object detection ------------------------------------------------------------------------
 
 
@@ -570,16 +708,18 @@ def respond(requests, parse, run, dtypes):
         if error is None:
             tensors = [pb_utils.Tensor(name, array) for name, array in outputs.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        elif isinstance(error, BadInput):
-            responses.append(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
-                )
-            )
         else:
-            responses.append(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{type(error).__name__}: {error}")
-                )
-            )
+            responses.append(error_response(error))
     return responses
+
+
+def error_response(error):
+    """A Triton response for ``error``: :class:`BadInput` -> 400 with its message; anything
+    else -> 500 naming the exception's type."""
+    import triton_python_backend_utils as pb_utils
+
+    if isinstance(error, BadInput):
+        triton_error = pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+    else:
+        triton_error = pb_utils.TritonError(f"{type(error).__name__}: {error}")
+    return pb_utils.InferenceResponse(error=triton_error)
