@@ -124,20 +124,28 @@ class Report:
 
     def summary_markdown(self) -> str:
         """One line per family: every task's verdict for both approaches (the README's table)."""
-        tasks = ("feature-extraction", "classification", "token-classification", "detection")
+        tasks = (
+            "feature-extraction",
+            "classification",
+            "token-classification",
+            "detection",
+            "zero-shot",
+        )
         lines = [
             "| family | as on the hub | preprocessing | features: python / ensemble | "
             "classification: python / ensemble | NER: python / ensemble | "
-            "detection: python / ensemble |",
-            "|---|---|---|---|---|---|---|",
+            "detection: python / ensemble | zero-shot: python / ensemble |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         seen: dict[str, dict[str, dict[str, Row]]] = {}
         for r in self.rows:
             plain = r.reference.startswith(_DEFAULT_REFERENCES) or r.family.startswith("all-")
             name = r.family if plain else f"{r.family}: {r.reference}"
-            column = {"token-classification": r.task, "object-detection": "detection"}.get(
-                r.task, r.task.split("-", 1)[-1]
-            )
+            column = {
+                "token-classification": r.task,
+                "object-detection": "detection",
+                "zero-shot-image-classification": "zero-shot",
+            }.get(r.task, r.task.split("-", 1)[-1])
             cell = seen.setdefault(name, {}).setdefault(column, {})
             cell[r.approach] = r
 
@@ -271,6 +279,20 @@ QUICK_CLASSIFICATION = (
 #: ``--quick`` token classification: ModernBERT (byte-level BPE: words found by the "no space
 #: before it" rule). BERT's (WordPiece "##" pieces) runs in the test suite's own text server.
 QUICK_TOKEN_CLASSIFICATION = ("modernbert",)
+#: ``--quick`` zero-shot: CLIP (softmax, byte-level BPE with a mask). SigLIP's (sigmoid, text
+#: padded to 64 without a mask) runs in the test suite's own text server.
+QUICK_ZERO_SHOT = ("clip",)
+#: Zero-shot: the labels scored for every image (one with accents and an emoji, one long: the
+#: pipeline fails on a CLIP text over 77 tokens, which the server truncates) and the hypothesis
+#: templates (the pipeline's default, and one passed as a request parameter).
+ZERO_SHOT_LABELS = (
+    "a cat",
+    "a dog",
+    "a bird",
+    "ünïcödé café 🐈",
+    "a photograph of a long and unusually described scene, with a lake and mountains",
+)
+ZERO_SHOT_TEMPLATES = (None, "a picture of {}, taken outdoors")
 #: Object detection: the detector's random weights (std 0.3, so that queries differ) amplify
 #: float rounding in the pixels; scores are compared to 1e-3 on both approaches, boxes to 1 px
 #: (the pipeline truncates coordinates to whole pixels).
@@ -286,17 +308,18 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
         if selected and family.name not in selected:
             continue
         for task in family.tasks:
-            quick_set = (
-                QUICK_TOKEN_CLASSIFICATION
-                if task == "token-classification"
-                else QUICK_CLASSIFICATION
-            )
+            quick_set = {
+                "token-classification": QUICK_TOKEN_CLASSIFICATION,
+                "zero-shot-image-classification": QUICK_ZERO_SHOT,
+            }.get(task, QUICK_CLASSIFICATION)
             if quick and task.endswith("classification") and family.name not in quick_set:
                 continue
             short = family.name.replace("-", "")
-            kind = {"token-classification": "ner", "object-detection": "det"}.get(
-                task, "fe" if task.endswith("feature-extraction") else "cls"
-            )
+            kind = {
+                "token-classification": "ner",
+                "object-detection": "det",
+                "zero-shot-image-classification": "zs",
+            }.get(task, "fe" if task.endswith("feature-extraction") else "cls")
             stem = f"{short}_{kind}"
 
             def make(root: Path, family=family, task=task) -> Path:
@@ -312,6 +335,7 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
                 "text-classification": "pipeline('text-classification')",
                 "token-classification": "pipeline('token-classification')",
                 "object-detection": "pipeline('object-detection')",
+                "zero-shot-image-classification": "pipeline('zero-shot-image-classification')",
             }[task]
             out.append(Case(family.name, task, stem, make, reference))
     if not selected or "bert" in selected:
@@ -654,6 +678,114 @@ def judge_entities(got: list[list[dict]], want: list[list[dict]], atol: float) -
     return row
 
 
+TOWERS_REFERENCE = "get_image_features / get_text_features, L2-normalised"
+
+
+def _check_zero_shot(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
+    """Scores against ``pipeline("zero-shot-image-classification")`` (every image in one
+    request, both templates), and each tower's embeddings against the model's own
+    ``get_image_features`` / ``get_text_features``, normalised."""
+    import torch
+    import transformers
+    import tritonclient.http as httpclient
+    from transformers.image_utils import load_image
+
+    path = str(case.checkpoint)
+    pipe = transformers.pipeline("zero-shot-image-classification", model=path)
+    decoded = [load_image(_data_uri(b)) for b in images.values()]
+    blobs = np.array([[b] for b in images.values()], dtype=object)
+    labels = np.array([[x.encode() for x in ZERO_SHOT_LABELS]] * len(images), dtype=object)
+    rows = []
+    client = httpclient.InferenceServerClient(url=url, network_timeout=300)
+    try:
+        for approach in APPROACHES:
+            got, want = [], []
+            for template in ZERO_SHOT_TEMPLATES:
+                tensors = [
+                    httpclient.InferInput("image_bytes", list(blobs.shape), "BYTES"),
+                    httpclient.InferInput("candidate_labels", list(labels.shape), "BYTES"),
+                ]
+                tensors[0].set_data_from_numpy(blobs)
+                tensors[1].set_data_from_numpy(labels)
+                parameters = {"hypothesis_template": template} if template else None
+                result = client.infer(f"{approach}_{case.name}", tensors, parameters=parameters)
+                got += [json.loads(b) for b in result.as_numpy("scores").reshape(-1)]
+                kwargs = {"hypothesis_template": template} if template else {}
+                want += [
+                    pipe(image, candidate_labels=list(ZERO_SHOT_LABELS), **kwargs)
+                    for image in decoded
+                ]
+            row = judge_zero_shot(got, want, ATOL[approach])
+            inputs = (
+                f"{len(images)} images x {len(ZERO_SHOT_LABELS)} labels in one request x "
+                f"{len(ZERO_SHOT_TEMPLATES)} templates"
+            )
+            rows.append(_label(row, case, approach, inputs))
+    finally:
+        client.close()
+    # The towers, against the model's own feature methods.
+    model, processor = pipe.model, pipe.image_processor
+    texts = [f"This is a photo of {x}." for x in ZERO_SHOT_LABELS]
+    padding: Any = True
+    if model.config.model_type == "siglip":  # the pipeline's rule for SigLIP
+        padding = "max_length"
+    encoded = pipe.tokenizer(
+        texts, padding=padding, max_length=64, truncation=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        pixels = processor(images=decoded, return_tensors="pt")["pixel_values"]
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(**encoded)
+    want_embeds = {}
+    for name, out in (("image_embeds", image), ("text_embeds", text)):
+        features = getattr(out, "pooler_output", out)
+        want_embeds[name] = (features / features.norm(dim=-1, keepdim=True)).numpy()
+    text_data = np.array([[t.encode()] for t in texts], dtype=object)
+    for approach in APPROACHES:
+        stem = f"{approach}_{case.name}"
+        got_embeds = {
+            **_infer(url, f"{stem}_image", "image_bytes", "BYTES", blobs),
+            **_infer(url, f"{stem}_text", "text", "BYTES", text_data),
+        }
+        row = judge_features(got_embeds, want_embeds, ATOL[approach])
+        inputs = f"{len(images)} images, {len(texts)} texts"
+        row = _label(row, case, approach, inputs)
+        row.reference = TOWERS_REFERENCE
+        rows.append(row)
+    return rows
+
+
+def judge_zero_shot(got: list[list[dict]], want: list[list[dict]], atol: float) -> Row:
+    """Served zero-shot answers against the pipeline's, image by image: the same labels, every
+    score within ``atol``, and the same order, except that labels whose reference scores are
+    within ``atol`` of each other (a near tie) may trade places."""
+    row = Row("", "", "", "", "max |score diff|", bound=atol)
+    if len(got) != len(want):
+        row.note = f"{len(got)} answers for {len(want)} images"
+        return row
+    diff, differ, swapped = 0.0, 0, 0
+    for served, expected in zip(got, want, strict=True):
+        reference = {e["label"]: float(e["score"]) for e in expected}
+        if sorted(d["label"] for d in served) != sorted(reference):
+            differ += 1
+            continue
+        diff = max(diff, *(abs(d["score"] - reference[d["label"]]) for d in served))
+        for a, b in zip(served, expected, strict=True):
+            if a["label"] != b["label"]:
+                if abs(reference[a["label"]] - reference[b["label"]]) > atol:
+                    differ += 1
+                    break
+                swapped += 1
+    row.value = diff
+    row.verdict = "pass" if not differ and diff <= atol else "FAIL"
+    row.note = (
+        f"labels DIFFER for {differ} images"
+        if differ
+        else f"{len(got)} rankings equal" + (f" ({swapped} near ties swapped)" if swapped else "")
+    )
+    return row
+
+
 def _served_max_length(url: str, model: str) -> int:
     import tritonclient.http as httpclient
 
@@ -708,6 +840,8 @@ def check(case: Case, url: str, images: dict[str, bytes]) -> list[Row]:
             return _check_entities(case, url)
         if case.task == "object-detection":
             return _check_detections(case, url, images)
+        if case.task == "zero-shot-image-classification":
+            return _check_zero_shot(case, url, images)
         return _check_classification(case, url, images)
     except Exception as e:  # a case that errors is a failed row, the matrix goes on
         log.exception("%s %s", case.family, case.task)

@@ -6,8 +6,9 @@ in NVIDIA's container and on Kubernetes alike, and a repository stays self-conta
 ``hf_triton`` package imports the same file (``hf_triton.templates.hf_common``) for its export,
 accuracy gate and benchmark, so the tables and rules below exist exactly once.
 
-Depends on numpy, torch, transformers, huggingface_hub and pillow only; never on Triton (model.py turns
-:class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on ``hf_triton``.
+Depends on numpy, torch, transformers, huggingface_hub and pillow only; never on Triton (model.py
+turns :class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on
+``hf_triton``.
 """
 
 import json
