@@ -4,6 +4,7 @@
     python client.py --model_name ensemble_model
     python client.py --model_name python_vit --image photo.jpg --url localhost:8000
     python client.py --model_name ensemble_model --text "A man eats." --text "Someone is eating."
+    python client.py --model_name ensemble_model --labels "a cat,a dog,a rocket"   # CLIP/SigLIP
 
 Needs only tritonclient[http], numpy and pillow (plus matplotlib for the default
 photo), so it runs outside this project's venv too. Exit code 0 on success, 1 when
@@ -68,9 +69,12 @@ def infer(
     input_format: str = "fp32",
     timeout_s: float = 60.0,
     parameters: dict | None = None,
+    labels: list[str] | None = None,
 ) -> dict:
     """One HTTP request with a batch of images; every output of the model as numpy.
-    ``parameters`` go with the request (object detection reads ``threshold`` and ``top_k``)."""
+    ``parameters`` go with the request (object detection reads ``threshold`` and ``top_k``,
+    zero-shot ``hypothesis_template``); ``labels``: zero-shot's candidate labels, the same
+    for every image."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -98,14 +102,30 @@ def infer(
         raise SystemExit(
             f"error: model '{model_name}' is not available at {url}: {e.message()}{hint}"
         ) from e
+    takes = {i["name"] for i in metadata["inputs"]}
+    if "candidate_labels" in takes and not labels:
+        raise SystemExit(
+            f"error: '{model_name}' scores an image against labels: pass --labels "
+            '"a cat,a dog,..."'
+        )
+    if labels and "candidate_labels" not in takes:
+        raise SystemExit(
+            f"error: --labels is for zero-shot models (CLIP, SigLIP); '{model_name}' takes "
+            f"{', '.join(sorted(takes))}"
+        )
     name, dtype = FORMATS[input_format]
     tensor = httpclient.InferInput(name, list(images.shape), dtype)
     tensor.set_data_from_numpy(images, binary_data=True)
+    inputs = [tensor]
+    if labels:
+        rows = np.array([[x.encode("utf-8") for x in labels]] * len(images), dtype=np.object_)
+        inputs.append(httpclient.InferInput("candidate_labels", list(rows.shape), "BYTES"))
+        inputs[-1].set_data_from_numpy(rows, binary_data=True)
     outputs = [
         httpclient.InferRequestedOutput(o["name"], binary_data=True) for o in metadata["outputs"]
     ]
     try:
-        result = client.infer(model_name, [tensor], outputs=outputs, parameters=parameters or None)
+        result = client.infer(model_name, inputs, outputs=outputs, parameters=parameters or None)
     except InferenceServerException as e:
         raise SystemExit(f"error: inference failed: {e.message()}") from e
     return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
@@ -224,6 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         help="object detection: write the image with its boxes and labels drawn to this file",
     )
     parser.add_argument(
+        "--labels",
+        default=None,
+        help="zero-shot image classification (CLIP, SigLIP): comma-separated candidate labels "
+        'to score the image against, e.g. "a cat,a dog,a rocket"',
+    )
+    parser.add_argument(
+        "--hypothesis-template",
+        default=None,
+        help="zero-shot: the text each label is put into (default: the model's config, \"This "
+        'is a photo of {}.")',
+    )
+    parser.add_argument(
         "--aggregation-strategy",
         choices=["none", "simple", "first", "average", "max"],
         default=None,
@@ -249,7 +281,23 @@ def main(argv: list[str] | None = None) -> int:
         parameters["threshold"] = args.threshold
     if args.top_k is not None:
         parameters["top_k"] = args.top_k
-    outputs = infer(args.url, args.model_name, request, args.input_format, parameters=parameters)
+    if args.hypothesis_template is not None:
+        parameters["hypothesis_template"] = args.hypothesis_template
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if args.labels is not None and not labels:
+        parser.error("--labels needs at least one label (comma-separated)")
+    outputs = infer(
+        args.url, args.model_name, request, args.input_format, parameters=parameters, labels=labels
+    )
+
+    scores = outputs.pop("scores", None)
+    if scores is not None:
+        # One JSON list per image: plain json.loads, no project code needed.
+        ranking = json.loads(scores.reshape(-1)[0])
+        print(f"{path.name}: {len(ranking)} labels, best first")
+        for r in ranking:
+            print(f"  {r['score']:.4f}  {r['label']}")
+        return 0
 
     detections = outputs.pop("detections", None)
     if detections is not None:
@@ -312,7 +360,7 @@ def _main_text(args: argparse.Namespace) -> int:
         if not np.isfinite(value).all() or value.shape[0] != len(args.text):
             print(f"error: {name} is malformed", file=sys.stderr)
             return 1
-    embeddings = outputs.get("sentence_embedding")
+    embeddings = outputs.get("sentence_embedding", outputs.get("text_embeds"))
     if embeddings is not None and len(args.text) > 1:
         unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
         similarity = unit @ unit.T

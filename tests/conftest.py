@@ -241,14 +241,16 @@ class TextServer:
     classifier: Path  # tiny BERT sequence classifier (NEGATIVE / POSITIVE)
     ner: Path  # tiny BERT token classifier (IOB2 PER / ORG / LOC)
     detector: Path  # tiny RT-DETR object detector (cat / dog / bird)
+    siglip: Path  # tiny SigLIP image-text model (zero-shot image classification)
     launched: Launched
 
 
 @pytest.fixture(scope="session")
 def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer]:
-    """Real all-MiniLM-L6-v2, a tiny BERT classifier, a tiny BERT NER model and a tiny RT-DETR
-    detector (the models with post-processing share this server), both approaches, built by the
-    CLI and served by the launcher with its defaults on (the supervisor's probe included)."""
+    """Real all-MiniLM-L6-v2, a tiny BERT classifier, a tiny BERT NER model, a tiny RT-DETR
+    detector and a tiny SigLIP (the models with post-processing or two towers share this
+    server), both approaches, built by the CLI and served by the launcher with its defaults on
+    (the supervisor's probe included)."""
     from hf_triton.checkpoints import offline_copy
     from hf_triton.families import FAMILIES
 
@@ -260,8 +262,15 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
     classifier = FAMILIES["bert"].make(root / "bert-cls", "text-classification")
     ner = FAMILIES["bert"].make(root / "bert-ner", "token-classification")
     detector = FAMILIES["rt-detr"].make(root / "rt-detr", "object-detection")
+    siglip = FAMILIES["siglip"].make(root / "siglip", "zero-shot-image-classification")
     repositories = []
-    built = (("minilm", minilm), ("bertcls", classifier), ("bertner", ner), ("det", detector))
+    built = (
+        ("minilm", minilm),
+        ("bertcls", classifier),
+        ("bertner", ner),
+        ("det", detector),
+        ("siglip", siglip),
+    )
     for name, path in built:
         run = run_cli(
             "build",
@@ -290,6 +299,7 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
             classifier,
             ner,
             detector,
+            siglip,
             launched,
         )
     finally:

@@ -51,15 +51,27 @@ def test_matrix_covers_every_family_and_task(matrix):
     covered = {(r["family"], r["task"]) for r in rows}
     for family in families.FAMILIES.values():
         for task in family.tasks:
-            quick = (
-                conformance.QUICK_TOKEN_CLASSIFICATION
-                if task == "token-classification"
-                else conformance.QUICK_CLASSIFICATION
-            )
+            quick = {
+                "token-classification": conformance.QUICK_TOKEN_CLASSIFICATION,
+                "zero-shot-image-classification": conformance.QUICK_ZERO_SHOT,
+            }.get(task, conformance.QUICK_CLASSIFICATION)
             if task.endswith("feature-extraction") or family.name in quick:
                 assert (family.name, task) in covered
     table = (out / "conformance.md").read_text()
     assert "| family | task | approach |" in table and "all-MiniLM-L6-v2" in table
+
+
+def test_image_text_towers_equal_the_models_own_features(matrix):
+    """CLIP's towers, served alone (image -> image_embeds, text -> text_embeds), against the
+    model's get_image_features / get_text_features, normalised."""
+    _, rows, _ = matrix
+    towers = [r for r in rows if r["reference"] == conformance.TOWERS_REFERENCE]
+    assert [(r["family"], r["approach"]) for r in towers] == [
+        ("clip", "python"),
+        ("clip", "ensemble"),
+    ]
+    for row in towers:
+        assert row["verdict"] == "pass" and "image_embeds, text_embeds" in row["note"], row
 
 
 def test_vectorised_path_self_checks_and_falls_back(matrix):
@@ -124,3 +136,17 @@ def test_judges_fail_what_differs():
     assert conformance.judge_entities([want_entities[0][:1]], want_entities, 1e-4).verdict == (
         "FAIL"
     )
+
+    ranking = [{"score": 0.5, "label": "a cat"}, {"score": 0.3, "label": "a dog"}]
+    ranking.append({"score": 0.2, "label": "a bird"})
+    assert conformance.judge_zero_shot([ranking], [ranking], 1e-4).verdict == "pass"
+    swapped = [ranking[1], ranking[0], ranking[2]]
+    assert conformance.judge_zero_shot([swapped], [ranking], 1e-4).verdict == "FAIL"
+    nudged = [{**ranking[0], "score": 0.5002}, *ranking[1:]]
+    assert conformance.judge_zero_shot([nudged], [ranking], 1e-4).verdict == "FAIL"
+    renamed = [ranking[0], {**ranking[1], "label": "a dgo"}, ranking[2]]
+    assert conformance.judge_zero_shot([renamed], [ranking], 1e-4).verdict == "FAIL"
+    assert conformance.judge_zero_shot([ranking[:2]], [ranking], 1e-4).verdict == "FAIL"
+    tie = [ranking[0], {**ranking[1], "score": 0.25}, {**ranking[2], "score": 0.25}]
+    near_tie = [tie[0], tie[2], tie[1]]  # equal scores: either order is the pipeline's
+    assert conformance.judge_zero_shot([near_tie], [tie], 1e-4).verdict == "pass"
