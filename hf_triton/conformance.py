@@ -724,14 +724,14 @@ def _check_zero_shot(case: Case, url: str, images: dict[str, bytes]) -> list[Row
     finally:
         client.close()
     # The towers, against the model's own feature methods.
-    model, processor = pipe.model, pipe.image_processor
+    model: Any = pipe.model
+    processor: Any = pipe.image_processor
+    tokenizer: Any = pipe.tokenizer
     texts = [f"This is a photo of {x}." for x in ZERO_SHOT_LABELS]
-    padding: Any = True
+    pad: dict[str, Any] = {"padding": True}
     if model.config.model_type == "siglip":  # the pipeline's rule for SigLIP
-        padding = "max_length"
-    encoded = pipe.tokenizer(
-        texts, padding=padding, max_length=64, truncation=True, return_tensors="pt"
-    )
+        pad = {"padding": "max_length", "max_length": 64, "truncation": True}
+    encoded = tokenizer(texts, return_tensors="pt", **pad)
     with torch.inference_mode():
         pixels = processor(images=decoded, return_tensors="pt")["pixel_values"]
         image = model.get_image_features(pixel_values=pixels)
