@@ -269,6 +269,7 @@ class Target:
     checkpoint: Path  # local, as the server loads it
     steps: list[str]  # models a request passes through (Triton statistics)
     onnx: Path | None = None  # the ensemble's model.onnx (bare ONNX Runtime)
+    tower: str | None = None  # "image" or "text": that tower of an image-text model
 
     @property
     def bare(self) -> str:
@@ -291,15 +292,20 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
     import tritonclient.http as httpclient
 
     from hf_triton.tasks import get_task
+    from hf_triton.templates.hf_common import EMBEDDINGS
 
     client = httpclient.InferenceServerClient(url=url)
     try:
-        targets = []
+        targets, callers = [], []
         for model in models:
             config = client.get_model_config(model)
             steps = [s["model_name"] for s in config.get("ensemble_scheduling", {}).get("step", [])]
             python = client.get_model_config(steps[0]) if steps else config
             params = {k: v["string_value"] for k, v in python.get("parameters", {}).items()}
+            if "image_model" in params and "text_model" in params:
+                # Zero-shot: no runtime of its own, it calls two towers (measured as entries).
+                callers.append(f"'{model}' ({params['image_model']}, {params['text_model']})")
+                continue
             if "checkpoint" not in params or "task" not in params:
                 raise BenchError(f"model '{model}' was not made by hf-triton build: no task")
             # The ONNX Runtime step: the last step, or the one before a post-processing step.
@@ -308,16 +314,30 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
             ]
             onnx = onnx_of((runtime or steps)[-1]) if steps else None
             prec = params.get("precision", "fp32") if not steps else _onnx_precision(onnx)
+            outputs = {o["name"] for o in config.get("output", [])}
+            tower = next((side for side, name in EMBEDDINGS.items() if name in outputs), None)
             targets.append(
                 Target(
                     model,
                     "ensemble" if steps else "python",
-                    get_task(params["task"]).modality,
+                    tower or get_task(params["task"]).modality,
                     prec,
                     Path(params["checkpoint"]),
                     steps or [model],
                     onnx,
+                    tower,
                 )
+            )
+        if callers:
+            log.info(
+                "Not measured: %s: zero-shot, calling the towers in brackets (measured as "
+                "models of their own)",
+                ", ".join(callers),
+            )
+        if callers and not targets:
+            raise BenchError(
+                f"{', '.join(callers)}: zero-shot models run no model of their own; measure "
+                "the towers they call (named in brackets)"
             )
         return targets
     finally:
@@ -374,6 +394,8 @@ class Bare:
         self.target = target
         self.name = target.bare
         self.spec = ModelSpec.resolve(target.checkpoint)
+        if target.tower:
+            self.spec = self.spec.for_tower(target.tower)
         if target.approach == "ensemble":
             import onnxruntime as ort
 
@@ -995,13 +1017,18 @@ def _measure_targets(
     taxes: list[Tax] = []
     image = sample_image(settings)
     texts = sample_texts()
-    bares: dict[tuple[str, str, str], Bare] = {}
+    bares: dict[tuple[str, str, str, str | None], Bare] = {}
     for target in targets:
         examples: list[Any] = [image] if target.modality == "image" else texts
         tokens = 0.0
         bare = None
         if settings.bare:
-            key = (target.bare, str(target.onnx or target.checkpoint), target.precision)
+            key = (
+                target.bare,
+                str(target.onnx or target.checkpoint),
+                target.precision,
+                target.tower,
+            )
             if key not in bares:
                 bares[key] = Bare(target)
                 for batch in sorted({1, max(settings.concurrency)}):
@@ -1009,8 +1036,9 @@ def _measure_targets(
                     results.append(bench_bare(bares[key], examples, batch, settings))
                     progress(_line(results[-1]))
             bare = bares[key]
-            if target.modality == "text":
-                tokens = float(bare.feed(texts)["attention_mask"].sum(1).mean())
+            if target.modality == "text":  # real tokens per text, padding not counted
+                tokenizer = bare.spec.preprocessor
+                tokens = float(np.mean([len(tokenizer(t)["input_ids"]) for t in texts]))
         for fmt in target.formats(settings.formats):
             check = ""
             if bare is not None:

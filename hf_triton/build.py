@@ -38,8 +38,6 @@ ZERO_SHOT_PY = TEMPLATES / "zero_shot_model.py"
 #: Copied beside every model.py: the code and tables the two templates share.
 COMMON_PY = TEMPLATES / "hf_common.py"
 APPROACHES = ("python", "ensemble", "both")
-#: The ONNX config parameter naming an image-text model's tower ("image" or "text").
-TOWER_PARAMETER = "tower"
 LABELS = "labels.txt"
 
 
@@ -335,17 +333,17 @@ def build(
     spec.check()
     task = spec.task
     result = BuildResult(task)
+    approaches = ["python", "ensemble"] if approach == "both" else [approach]
+    for a in approaches:
+        precision.check_precision(options.precision, a)
+    if spec.image_text:
+        return _build_image_text(spec, out, approaches, options, export_onnx, result)
     labels = spec.labels
     outputs = spec.served_outputs
     inputs = IMAGE_INPUTS if task.modality == "image" else TEXT_INPUTS
     params = _checkpoint_params(spec, options)
     model_py = MODEL_PY[task.modality]
 
-    approaches = ["python", "ensemble"] if approach == "both" else [approach]
-    for a in approaches:
-        precision.check_precision(options.precision, a)
-    if spec.image_text:
-        return _build_image_text(spec, out, approaches, options, export_onnx, result)
     if options.precision != "fp32" and "python" in approaches:
         # Refused variants are never written.
         result.gates.append(precision.gate_python(spec, options.precision))
@@ -718,7 +716,7 @@ def _write_onnx_config(
                     "one takes `optimization { graph { level } }`.",
                 ),
                 *(
-                    [(TOWER_PARAMETER, tower, "Which tower of the image-text model this is.")]
+                    [(export.TOWER_PARAMETER, tower, "The image-text model's tower.")]
                     if tower
                     else []
                 ),

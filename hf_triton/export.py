@@ -31,6 +31,10 @@ DEFAULT_ATOL = 1e-3
 OPSET = 17
 CHECKPOINT_KEY = "hf_triton.checkpoint"
 TASK_KEY = "hf_triton.task"
+#: An image-text model's tower ("image" or "text"), when the graph is one.
+TOWER_KEY = "hf_triton.tower"
+#: The ONNX model's config parameter naming that tower, for the launcher's export.
+TOWER_PARAMETER = "tower"
 #: Validation runs a batch this size, so a broken batch axis cannot pass.
 VALIDATION_BATCH = 3
 
@@ -61,8 +65,11 @@ class ValidationReport:
         )
 
 
-def _spec(model: ModelSpec | str | Path, task: str | None = None) -> ModelSpec:
-    return model if isinstance(model, ModelSpec) else ModelSpec.resolve(model, task)
+def _spec(
+    model: ModelSpec | str | Path, task: str | None = None, tower: str | None = None
+) -> ModelSpec:
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.resolve(model, task)
+    return spec.for_tower(tower) if tower and not spec.tower else spec
 
 
 def export_onnx(
@@ -71,8 +78,10 @@ def export_onnx(
     atol: float = DEFAULT_ATOL,
     opset: int = OPSET,
     task: str | None = None,
+    tower: str | None = None,
 ) -> ValidationReport:
     """Export ``model`` (a spec, or a local checkpoint directory) to ``output``; validate it.
+    ``tower``: that tower of an image-text model (CLIP, SigLIP).
 
     Raises :class:`ExportValidationError` (leaving ``output`` untouched) when any
     output differs from PyTorch by more than ``atol``.
@@ -80,7 +89,7 @@ def export_onnx(
     import onnx
     import torch
 
-    spec = _spec(model, task)
+    spec = _spec(model, task, tower)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -115,6 +124,8 @@ def export_onnx(
         proto = onnx.load(str(tmp))
         proto.metadata_props.add(key=CHECKPOINT_KEY, value=str(spec.path))
         proto.metadata_props.add(key=TASK_KEY, value=spec.task.name)
+        if spec.tower:
+            proto.metadata_props.add(key=TOWER_KEY, value=spec.tower)
         onnx.save(proto, str(tmp))
         report = validate_onnx(tmp, spec, atol=atol)
         os.replace(tmp, output)
@@ -165,12 +176,15 @@ def validate_onnx(
     return report
 
 
-def exported_checkpoint(onnx_path: str | Path) -> str | None:
-    """The checkpoint recorded in an ONNX file by :func:`export_onnx`, if any."""
+def exported_checkpoint(onnx_path: str | Path, tower: str | None = None) -> str | None:
+    """The checkpoint recorded in an ONNX file by :func:`export_onnx`, if any (and if the file
+    is that ``tower`` of it, when one is named)."""
     import onnx
 
     path = Path(onnx_path)
     if not path.exists():
         return None
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if meta.get(TOWER_KEY) != tower:
+        return None
     return meta.get(CHECKPOINT_KEY)

@@ -463,6 +463,12 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
     )
     progress(f"weights: {ckpt.describe()}")
     spec = ModelSpec.resolve(ckpt.path, task=options.task)
+    if spec.image_text:
+        raise OptimizeError(
+            f"{options.checkpoint}: {spec.task.name} models are built in fp32 only, so there "
+            "are no variants to choose from; build it (hf-triton build) and measure its towers "
+            "with hf-triton bench"
+        )
     spec.check()
     plan = candidates(machine, options.candidates or None)
     root = options.workdir / "candidates"

@@ -49,13 +49,14 @@ def _get(url: str, timeout_s: float) -> dict:
 def request_body(metadata: dict, config: dict) -> dict:
     """The smallest valid JSON inference request for a model, from its metadata and config."""
     optional = {i["name"] for i in config.get("input", []) if i.get("optional")}
-    inputs = metadata["inputs"]
-    if inputs and all(i["name"] in optional for i in inputs):
-        ranked = sorted(
-            inputs,
-            key=lambda i: _PREFERRED.index(i["name"]) if i["name"] in _PREFERRED else 99,
-        )
-        inputs = ranked[:1]
+    inputs = [i for i in metadata["inputs"] if i["name"] not in optional]
+    # Of the optional inputs (send exactly one: an image as UINT8, FP32 or bytes), the one a
+    # probe fills best; the required ones (a zero-shot model's labels) go with it.
+    ranked = sorted(
+        (i for i in metadata["inputs"] if i["name"] in optional),
+        key=lambda i: _PREFERRED.index(i["name"]) if i["name"] in _PREFERRED else 99,
+    )
+    inputs += ranked[:1]
     batching = int(config.get("max_batch_size", 0)) > 0
     tensors = []
     for spec in inputs:

@@ -90,7 +90,8 @@ def ensure_exported(
     new file, so a hard link into the source repository is never written through.
     """
     path = model_dir / version / ONNX_FILENAME
-    recorded = export.exported_checkpoint(path)
+    tower = _tower(model_dir)
+    recorded = export.exported_checkpoint(path, tower)
     if recorded == str(checkpoint.path):
         log.info("%s is current (exported from %s)", path, recorded)
         return path
@@ -98,17 +99,27 @@ def ensure_exported(
         log.info(
             "%s was exported from %s; serving an export of %s", path, recorded, checkpoint.path
         )
-    digest = hashlib.sha256(str(checkpoint.path).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{checkpoint.path}{tower or ''}".encode()).hexdigest()[:16]
     cached = cache / digest / ONNX_FILENAME
-    if export.exported_checkpoint(cached) != str(checkpoint.path):
+    if export.exported_checkpoint(cached, tower) != str(checkpoint.path):
         log.info("Exporting %s to %s (once; later runs reuse it) ...", checkpoint.name, cached)
-        report = export.export_onnx(checkpoint.path, cached)
+        report = export.export_onnx(checkpoint.path, cached, tower=tower)
         for name, diff in report.max_abs_diff.items():
             log.info("  validated %s: max |onnx - torch| = %.2e (atol %g)", name, diff, report.atol)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     _link_or_copy(str(cached), str(path))
     return path
+
+
+def _tower(model_dir: Path) -> str | None:
+    """The image-text tower an ONNX model directory serves (its config's ``tower``)."""
+    config_path = model_dir / "config.pbtxt"
+    if not config_path.exists():
+        return None
+    parameters = read_config(config_path).parameters
+    name = export.TOWER_PARAMETER
+    return parameters[name].string_value if name in parameters else None
 
 
 def stage(

@@ -280,12 +280,13 @@ class ModelSpec:
     @property
     def served_outputs(self) -> list[Tensor]:
         """What clients get: the model's outputs, or the post-processing step's (entities)."""
-        return list(self.task.outputs) if self.task.model_outputs else self.outputs
+        return list(self.task.outputs) if self.postprocessed else self.outputs
 
     @property
     def postprocessed(self) -> bool:
-        """True when a post-processing step turns the model's outputs into the served ones."""
-        return bool(self.task.model_outputs)
+        """True when a post-processing step turns the model's outputs into the served ones
+        (not an image-text model: its towers serve their outputs as they are)."""
+        return bool(self.task.model_outputs) and not self.image_text
 
     @cached_property
     def id2label(self) -> dict[int, str]:

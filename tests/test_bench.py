@@ -142,6 +142,32 @@ def test_benchmark_object_detection(text_server, tmp_path):
     assert served and served[0]["check"].startswith("ok (20 detections"), served
 
 
+def test_benchmark_image_text_towers(text_server, tmp_path):
+    """An image-text model's text tower (SigLIP, Python pipeline): measured, its answer checked
+    against the bare PyTorch tower; the zero-shot model that calls the towers is named as not
+    measured rather than failing."""
+    run = run_bench(
+        "--url",
+        text_server.url,
+        "--protocol",
+        "http",
+        "--models",
+        "python_siglip_text,python_siglip",
+        "--concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "'python_siglip' (python_siglip_image, python_siglip_text)" in run.stdout + run.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    served = [r for r in rows if r["name"] == "python_siglip_text"]
+    assert served and served[0]["check"].startswith("ok (cos"), served
+    assert [r["name"] for r in rows if r["name"].startswith("python_siglip")] == [
+        "python_siglip_text"
+    ]
+
+
 def test_benchmark_over_http(server, tmp_path):
     """The async HTTP load generator, on one model and format."""
     run = run_bench(

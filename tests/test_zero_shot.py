@@ -214,3 +214,9 @@ def test_build_refuses_reduced_precision_for_zero_shot(clip, tmp_path):
     assert run.returncode != 0
     assert "fp32 only" in run.stderr + run.stdout
     assert not (tmp_path / "python_model_repository").exists()
+
+
+def test_optimize_names_why_it_has_nothing_to_choose(clip, tmp_path):
+    run = run_cli("optimize", "--model", str(clip), "--workdir", str(tmp_path))
+    assert run.returncode != 0
+    assert "fp32 only" in run.stderr + run.stdout and "hf-triton bench" in run.stderr + run.stdout
