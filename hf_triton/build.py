@@ -502,13 +502,10 @@ def _build_image_text(
     (the towers' model.onnx), ``<ensemble>_image`` and ``<ensemble>_text`` (ensembles of
     those), and ``<ensemble>`` (zero-shot).
     """
-    if options.precision != "fp32":
-        raise tasks.UnsupportedModel(
-            f"{spec.checkpoint}: {spec.task.name} is built in fp32 only (no accuracy gate "
-            f"judges reduced-precision zero-shot scores yet); --precision {options.precision} "
-            "is refused"
-        )
     towers = {side: spec.for_tower(side) for side in hf_common.EMBEDDINGS}
+    if options.precision != "fp32" and "python" in approaches:
+        # Both towers and the zero-shot ranking they give; refused variants are never written.
+        result.gates += precision.gate_image_text_python(spec, options.precision)
     scoring, scale, bias = spec.zero_shot_scoring
     inputs = {"image": IMAGE_INPUTS, "text": TEXT_INPUTS}
     optional = frozenset(t.name for t in IMAGE_INPUTS)
@@ -555,7 +552,12 @@ def _build_image_text(
             name = f"{entry}_{side}"
             params = [
                 *_checkpoint_params(tower, options),
-                ("precision", "fp32", "fp32: the reference."),
+                (
+                    "precision",
+                    options.precision,
+                    "fp32 (reference), bf16, int8 or fp16 (GPU); non-fp32 builds passed the\n"
+                    'accuracy gate against fp32 (README, "Precision").',
+                ),
                 (
                     "torch_threads",
                     str(options.torch_threads),
@@ -588,6 +590,7 @@ def _build_image_text(
 
     if "ensemble" in approaches:
         repo = out / "ensemble_model_repository"
+        exports: dict[str, Path] = {}
         for side, tower in towers.items():
             pre = options.preprocessing_name + ("" if side == "image" else "_text")
             onnx_name = f"{options.name}_{side}"
@@ -614,13 +617,10 @@ def _build_image_text(
             _write_ensemble(
                 repo / ensemble, options, inputs[side], tower.outputs, steps, None, onnx_name
             )
-            if export_onnx:
-                report = export.export_onnx(tower, repo / onnx_name / "1" / "model.onnx")
-                if result.validation is None:
-                    result.validation = report
-                else:
-                    result.validation.max_abs_diff.update(report.max_abs_diff)
+            exports[side] = repo / onnx_name / "1" / "model.onnx"
             result.models += [pre, onnx_name, ensemble]
+        if export_onnx:
+            _export_towers(spec, towers, exports, options.precision, result)
         zero_shot(
             repo,
             options.ensemble_name,
@@ -635,6 +635,44 @@ def _build_image_text(
             f"{options.ensemble_name}_text",
         ]
     return result
+
+
+def _export_towers(
+    spec: ModelSpec,
+    towers: dict[str, ModelSpec],
+    targets: dict[str, Path],
+    variant: str,
+    result: BuildResult,
+) -> None:
+    """Each tower's model.onnx, validated against PyTorch; an int8 variant is quantised per
+    tower and gated on both together (embeddings and zero-shot ranking) before either is kept."""
+    made: dict[str, tuple[Path, Path]] = {}
+    try:
+        for side, tower in towers.items():
+            target = targets[side]
+            fp32 = target if variant == "fp32" else target.with_name("model.fp32.tmp.onnx")
+            report = export.export_onnx(tower, fp32)
+            if result.validation is None:
+                result.validation = report
+            else:
+                result.validation.max_abs_diff.update(report.max_abs_diff)
+            if variant != "fp32":
+                quantised = target.with_name(f"model.{variant}.tmp.onnx")
+                made[side] = (fp32, quantised)
+                result.int8 = precision.quantize_onnx(
+                    fp32, quantised, precision.calibration_feeds(tower)
+                )
+        if made:
+            runners = {
+                side: precision.onnx_runners(towers[side], *paths) for side, paths in made.items()
+            }
+            result.gates += precision.gate_image_text(spec, variant, runners)
+            for side, (_, quantised) in made.items():
+                quantised.replace(targets[side])
+    finally:
+        for paths in made.values():
+            for path in paths:
+                path.unlink(missing_ok=True)
 
 
 #: Triton model names, as directory names: letters, digits, '_', '-', '.', not starting with '.'.

@@ -465,8 +465,9 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
     spec = ModelSpec.resolve(ckpt.path, task=options.task)
     if spec.image_text:
         raise OptimizeError(
-            f"{options.checkpoint}: {spec.task.name} models are built in fp32 only, so there "
-            "are no variants to choose from; build it (hf-triton build) and measure its towers "
+            f"{options.checkpoint}: {spec.task.name}: optimize measures one model per "
+            "variant, and an image-text model serves two towers and a zero-shot model; build "
+            "the variants (hf-triton build --precision ..., gated) and measure their towers "
             "with hf-triton bench"
         )
     spec.check()

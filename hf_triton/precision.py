@@ -431,8 +431,12 @@ def _unit(spec: ModelSpec) -> dict[str, Any]:
     return {"unit": "images" if spec.modality == "image" else "tokens"}
 
 
-def gate_python(spec: ModelSpec, precision: str) -> GateReport:
-    """The Python backend's variant (model.py's own conversion) against fp32 PyTorch."""
+Runner = Callable[[list[Any]], list[np.ndarray]]
+
+
+def _torch_runners(spec: ModelSpec, precision: str) -> tuple[Runner, Runner]:
+    """fp32 PyTorch and the Python backend's variant (model.py's own conversion): each runs a
+    chunk of examples, encoded as the server encodes them, to the module's outputs."""
     import copy
 
     import torch
@@ -440,37 +444,119 @@ def gate_python(spec: ModelSpec, precision: str) -> GateReport:
     variant = apply_torch(copy.deepcopy(spec.module), precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
-    def run(module: Any, chunk: list[Any], float_dtype: Any) -> np.ndarray:
-        tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
-        tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
-        with torch.inference_mode():
-            outs = [o.float().numpy() for o in module(*tensors)]
-        return _per_example(spec, chunk, outs)
+    def run(module: Any, float_dtype: Any) -> Runner:
+        def outputs(chunk: list[Any]) -> list[np.ndarray]:
+            tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
+            tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
+            with torch.inference_mode():
+                return [o.float().numpy() for o in module(*tensors)]
 
+        return outputs
+
+    return run(spec.module, torch.float32), run(variant, dtype)
+
+
+def onnx_runners(spec: ModelSpec, fp32: Path, variant: Path) -> tuple[Runner, Runner]:
+    """The fp32 export and a quantised model.onnx, both in ONNX Runtime."""
+    import onnxruntime as ort
+
+    def run(path: Path) -> Runner:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return lambda chunk: session.run(names, spec.encode(chunk))
+
+    return run(fp32), run(variant)
+
+
+def _gate_spec(spec: ModelSpec, precision: str, runners: tuple[Runner, Runner]) -> GateReport:
+    reference, variant = runners
     return gate(
         precision,
-        lambda chunk: run(spec.module, chunk, torch.float32),
-        lambda chunk: run(variant, chunk, dtype),
+        lambda chunk: _per_example(spec, chunk, reference(chunk)),
+        lambda chunk: _per_example(spec, chunk, variant(chunk)),
         eval_examples(spec),
         classifier=_classifier(spec),
         **_unit(spec),
     )
 
 
+def gate_python(spec: ModelSpec, precision: str) -> GateReport:
+    """The Python backend's variant (model.py's own conversion) against fp32 PyTorch."""
+    return _gate_spec(spec, precision, _torch_runners(spec, precision))
+
+
 def gate_onnx(spec: ModelSpec, precision: str, fp32: Path, variant: Path) -> GateReport:
     """A quantised model.onnx against the fp32 export, both in ONNX Runtime."""
-    import onnxruntime as ort
+    return _gate_spec(spec, precision, onnx_runners(spec, fp32, variant))
 
-    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-    var = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
-    names = [o.name for o in ref.get_outputs()]
-    return gate(
+
+#: Zero-shot gate: the labels every evaluation image is ranked over (everyday classes).
+GATE_LABELS = (
+    "a cat",
+    "a dog",
+    "a bird",
+    "a car",
+    "a bicycle",
+    "a house",
+    "a tree",
+    "a flower",
+    "a person",
+    "a boat",
+    "a plate of food",
+    "a mountain",
+    "a city street",
+    "a beach",
+    "a computer",
+    "a book",
+)
+
+
+def _embed(run: Runner, examples: list[Any], batch: int = 8) -> np.ndarray:
+    return np.concatenate([run(examples[i : i + batch])[0] for i in range(0, len(examples), batch)])
+
+
+def gate_image_text(
+    spec: ModelSpec, precision: str, runners: dict[str, tuple[Runner, Runner]]
+) -> list[GateReport]:
+    """An image-text model's variant (both towers, ``runners[side]`` = (fp32, variant)):
+    each tower's embeddings by cosine per example, then what clients get, zero-shot: every
+    evaluation image ranked over :data:`GATE_LABELS` in the default template, the variant's
+    top label agreeing with fp32's (top-1 >= 0.95) and each image's score vector by cosine."""
+    embeds: dict[tuple[str, int], np.ndarray] = {}
+    reports = []
+    for side, pair in runners.items():
+        ref, var = (_embed(run, eval_examples(spec.for_tower(side))) for run in pair)
+        report = compare(f"{precision} {side} tower", ref, var, classifier=False)
+        log.info("%s", report.summary())
+        if not report.passed:
+            raise GateFailed(report.summary())
+        reports.append(report)
+        if side == "text":  # the ranking embeds the labels' hypotheses
+            texts = [hf_common.HYPOTHESIS_TEMPLATE.format(label) for label in GATE_LABELS]
+            ref, var = (_embed(run, texts) for run in pair)
+        embeds[(side, 0)], embeds[(side, 1)] = ref, var
+    scoring, scale, bias = spec.zero_shot_scoring
+    scores = [
+        hf_common.zero_shot_scores(
+            scale * embeds[("image", which)] @ embeds[("text", which)].T + bias, scoring
+        )
+        for which in (0, 1)
+    ]
+    report = compare(f"{precision} zero-shot", scores[0], scores[1], classifier=True)
+    report.unit = f"images x {len(GATE_LABELS)} labels"
+    log.info("%s", report.summary())
+    if not report.passed:
+        raise GateFailed(report.summary())
+    return [*reports, report]
+
+
+def gate_image_text_python(spec: ModelSpec, precision: str) -> list[GateReport]:
+    """Both Python-backend towers in ``precision`` against fp32 PyTorch (see
+    :func:`gate_image_text`)."""
+    return gate_image_text(
+        spec,
         precision,
-        lambda chunk: _per_example(spec, chunk, ref.run(names, spec.encode(chunk))),
-        lambda chunk: _per_example(spec, chunk, var.run(names, spec.encode(chunk))),
-        eval_examples(spec),
-        classifier=_classifier(spec),
-        **_unit(spec),
+        {side: _torch_runners(spec.for_tower(side), precision) for side in hf_common.EMBEDDINGS},
     )
 
 

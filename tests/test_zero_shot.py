@@ -209,14 +209,54 @@ def test_build_writes_towers_and_zero_shot_model(clip, tmp_path):
     assert 'key: "logit_scale"' in config and 'string_value: "softmax"' in config
 
 
-def test_build_refuses_reduced_precision_for_zero_shot(clip, tmp_path):
-    run = run_cli("build", "--model", str(clip), "--precision", "int8", "--out", str(tmp_path))
-    assert run.returncode != 0
-    assert "fp32 only" in run.stderr + run.stdout
-    assert not (tmp_path / "python_model_repository").exists()
+def test_reduced_precision_passes_the_gate_on_both_towers_and_the_ranking(clip, tmp_path):
+    """int8 (Python approach): each tower's embeddings by cosine, then zero-shot rankings over
+    the gate's labels (top-1 agreement), before anything is written."""
+    run = run_cli(
+        "build",
+        "--model",
+        str(clip),
+        "--name",
+        "clip",
+        "--approach",
+        "python",
+        "--precision",
+        "int8",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    gates = [line for line in run.stdout.splitlines() if "accuracy gate:" in line]
+    assert [g.split(" vs fp32")[0].split(": ")[-1] for g in gates] == [
+        "int8 image tower",
+        "int8 text tower",
+        "int8 zero-shot",
+    ]
+    assert all("PASSED" in g for g in gates) and "top-1 agreement" in gates[2]
+    config = tmp_path / "python_model_repository" / "python_clip_text" / "config.pbtxt"
+    assert 'string_value: "int8"' in config.read_text()
 
 
-def test_optimize_names_why_it_has_nothing_to_choose(clip, tmp_path):
+def test_gate_refuses_a_tower_that_differs(clip):
+    """The gate can fail: identical runners pass; a text tower whose rows come back in another
+    order (each text gets another's embedding) is refused."""
+    from hf_triton import precision
+    from hf_triton.spec import ModelSpec
+
+    spec = ModelSpec.resolve(clip)
+    runners = {
+        side: precision._torch_runners(spec.for_tower(side), "fp32") for side in ("image", "text")
+    }
+    reports = precision.gate_image_text(spec, "identity", runners)
+    assert reports[-1].top1_agreement == 1.0 and reports[-1].min_cosine > 0.99999
+    reference, _ = runners["text"]
+    runners["text"] = (reference, lambda chunk: [reference(chunk)[0][::-1]])
+    with pytest.raises(precision.GateFailed, match="text tower"):
+        precision.gate_image_text(spec, "shuffled", runners)
+
+
+def test_optimize_names_why_it_does_not_apply(clip, tmp_path):
     run = run_cli("optimize", "--model", str(clip), "--workdir", str(tmp_path))
     assert run.returncode != 0
-    assert "fp32 only" in run.stderr + run.stdout and "hf-triton bench" in run.stderr + run.stdout
+    said = run.stderr + run.stdout
+    assert "optimize measures one model per variant" in said and "hf-triton bench" in said
