@@ -6,8 +6,9 @@ in NVIDIA's container and on Kubernetes alike, and a repository stays self-conta
 ``hf_triton`` package imports the same file (``hf_triton.templates.hf_common``) for its export,
 accuracy gate and benchmark, so the tables and rules below exist exactly once.
 
-Depends on numpy, torch, transformers, huggingface_hub and pillow only; never on Triton (model.py turns
-:class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on ``hf_triton``.
+Depends on numpy, torch, transformers, huggingface_hub and pillow only; never on Triton (model.py
+turns :class:`BadInput` into a 400 and :class:`ModelError` into a load failure) nor on
+``hf_triton``.
 """
 
 import json
@@ -581,19 +582,24 @@ def embedding_tower(model, side):
     return EmbeddingTower().eval()
 
 
+def zero_shot_scores(logits, scoring):
+    """Label scores from zero-shot logits (the last axis: the labels): "softmax" over the
+    labels (CLIP) or an independent "sigmoid" per label (SigLIP)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if scoring == "softmax":
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return exp / exp.sum(axis=-1, keepdims=True)
+    if scoring == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    raise ModelError(f"scoring must be one of {ZERO_SHOT_SCORING}, got {scoring!r}")
+
+
 def zero_shot_ranking(logits, labels, scoring):
     """One image's logits over its candidate ``labels`` -> what transformers'
     zero-shot-image-classification pipeline returns: ``[{"score", "label"}]``, highest first
     (ties keep the labels' order). ``scoring``: "softmax" over the labels (CLIP) or an
     independent "sigmoid" per label (SigLIP)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if scoring == "softmax":
-        exp = np.exp(logits - logits.max())
-        scores = exp / exp.sum()
-    elif scoring == "sigmoid":
-        scores = 1.0 / (1.0 + np.exp(-logits))
-    else:
-        raise ModelError(f"scoring must be one of {ZERO_SHOT_SCORING}, got {scoring!r}")
+    scores = zero_shot_scores(logits, scoring)
     order = sorted(range(len(labels)), key=lambda i: -scores[i])
     return [{"score": float(scores[i]), "label": labels[i]} for i in order]
 
