@@ -265,15 +265,15 @@ def _sentence_transformer(base: Path, out: Path, modes: Any, dense: int = 0, nor
 
 #: ``--quick`` (what the test suite runs, to stay within CI's time): every family's feature
 #: extraction, the pooling variants, all-MiniLM-L6-v2, and classification for the families whose
-#: head or path is unlike the others' — CLS token (ViT, BERT), two distilled heads averaged
-#: (DeiT), a CNN whose processor takes the reference path (EfficientNet), a pooling head
-#: (ModernBERT). DINOv2, ConvNeXt and RoBERTa classification (CLS + patch mean, pooled CNN
-#: features, dense+tanh on <s>) run in the full matrix, the default.
+#: head is unlike the others' — CLS token (ViT), two distilled heads averaged (DeiT), a pooling
+#: head (ModernBERT). BERT's classification is served in the test suite's text server and
+#: checked against the pipeline there (tests/test_text.py); EfficientNet's reference-path
+#: processor is checked by its feature extraction. DINOv2, ConvNeXt, EfficientNet and RoBERTa
+#: classification (CLS + patch mean, pooled CNN features, dense+tanh on <s>) and every other
+#: family's run in the full matrix, the default.
 QUICK_CLASSIFICATION = (
     "vit",
     "deit-distilled",
-    "efficientnet",
-    "bert",
     "modernbert",
 )
 #: ``--quick`` token classification: ModernBERT (byte-level BPE: words found by the "no space

@@ -42,11 +42,16 @@ def test_top_k_labels_through_the_classification_extension(text_server, approach
     import transformers
 
     pipe = transformers.pipeline("text-classification", model=str(text_server.classifier))
-    want = pipe(SENTENCES[:2], top_k=None)
-    top = send_text(text_server.url, f"{approach}_bertcls", SENTENCES[:2], "logits", class_count=2)
+    want = pipe(list(SENTENCES), top_k=None)
+    top = send_text(text_server.url, f"{approach}_bertcls", SENTENCES, "logits", class_count=2)
     for row, expected in zip(top, want, strict=True):
-        served = [entry.decode().split(":")[2] for entry in row]  # "score:index:label"
-        assert served == [e["label"] for e in expected]
+        entries = [entry.decode().split(":") for entry in row]  # "logit:index:label"
+        assert [label for _, _, label in entries] == [e["label"] for e in expected]
+        # The extension reports logits; their softmax is the pipeline's probabilities.
+        logits = np.array([float(value) for value, _, _ in entries])
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        atol = 1e-4 if approach == "python" else 1e-3
+        np.testing.assert_allclose(probabilities, [e["score"] for e in expected], atol=atol)
 
 
 @pytest.mark.parametrize("approach", APPROACHES)

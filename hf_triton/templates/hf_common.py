@@ -463,6 +463,39 @@ def _load_dense(folder):
     return weight, None if bias is None else bias.float(), _ACTIVATIONS[short]
 
 
+# -- request inputs --------------------------------------------------------------------------
+
+
+def decode_text(where, item, what="text"):
+    """One BYTES element as UTF-8 text; :class:`BadInput` naming ``where`` (e.g.
+    ``input 'text'[2]``) when it is not UTF-8 or is empty."""
+    try:
+        text = bytes(item).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}: not valid UTF-8 ({e})") from e
+    if not text.strip():
+        raise BadInput(f"{where}: empty {what}")
+    return text
+
+
+def one_input(request, names):
+    """(name, tensor) of the one input of ``names`` a request sends (the image inputs: exactly
+    one per request); :class:`BadInput` naming what came otherwise."""
+    import triton_python_backend_utils as pb_utils
+
+    given = [
+        (name, tensor)
+        for name in names
+        if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
+    ]
+    if len(given) != 1:
+        raise BadInput(
+            f"expected exactly one of the inputs {list(names)}, "
+            f"got {[name for name, _ in given] or 'none'}"
+        )
+    return given[0]
+
+
 # -- images ----------------------------------------------------------------------------------
 
 IMAGE = "image"

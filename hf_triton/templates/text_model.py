@@ -34,13 +34,7 @@ OFFSETS = ("offset_mapping", "special_tokens_mask")
 
 
 def _decode(index, item):
-    data = bytes(item)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"input '{TEXT}'[{index}]: not valid UTF-8 ({e})") from e
-    if not text.strip():
-        raise BadInput(f"input '{TEXT}'[{index}]: empty text")
+    text = hf_common.decode_text(f"input '{TEXT}'[{index}]", item)
     if "\x00" in text:
         raise BadInput(f"input '{TEXT}'[{index}]: contains a NUL character")
     return text

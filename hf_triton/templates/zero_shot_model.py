@@ -62,13 +62,7 @@ def _template(value, error):
 
 
 def _label(index, item):
-    data = bytes(item)
-    try:
-        label = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"input '{LABELS}'{list(index)}: not valid UTF-8 ({e})") from e
-    if not label.strip():
-        raise BadInput(f"input '{LABELS}'{list(index)}: empty label")
+    label = hf_common.decode_text(f"input '{LABELS}'{list(index)}", item, "label")
     if len(label) > MAX_LABEL_CHARS:
         raise BadInput(
             f"input '{LABELS}'{list(index)}: {len(label)} characters; at most {MAX_LABEL_CHARS}"
@@ -123,18 +117,9 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(SCORES, scores)])
 
     async def _classify(self, request):
-        given = [
-            (name, tensor)
-            for name in self.inputs
-            if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
-        ]
-        if len(given) != 1:
-            raise BadInput(
-                f"expected exactly one of the inputs {self.inputs}, "
-                f"got {[name for name, _ in given] or 'none'}"
-            )
+        name, image = hf_common.one_input(request, self.inputs)
         # Checked here too: an error a tower returns through BLS reaches this model as a 500.
-        hf_common.check_images(given[0][0], given[0][1].as_numpy(), self.max_side)
+        hf_common.check_images(name, image.as_numpy(), self.max_side)
         rows = pb_utils.get_input_tensor_by_name(request, LABELS).as_numpy()
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise BadInput(f"input '{LABELS}': at least one label per image, got {rows.shape}")
@@ -149,7 +134,7 @@ class TritonPythonModel:
             hypotheses[i : i + self.text_batch] for i in range(0, len(hypotheses), self.text_batch)
         ]
         image_embeds, *text_embeds = await asyncio.gather(
-            self._infer(self.image_model, [given[0][1]], "image_embeds"),
+            self._infer(self.image_model, [image], "image_embeds"),
             *(
                 self._infer(
                     self.text_model,

@@ -379,17 +379,7 @@ class TritonPythonModel:
     def _images(self, request):
         """The request's images as :class:`Pending` ones: a PIL image once decoded (bytes), or
         a uint8 H x W x 3 array."""
-        given = [
-            (name, tensor)
-            for name in self.inputs
-            if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None
-        ]
-        if len(given) != 1:
-            raise BadInput(
-                f"expected exactly one of the inputs {self.inputs}, "
-                f"got {[name for name, _ in given] or 'none'}"
-            )
-        name, tensor = given[0]
+        name, tensor = hf_common.one_input(request, self.inputs)
         if name == IMAGE_BYTES:
             blobs = [bytes(item) for item in tensor.as_numpy().reshape(-1)]
             sizes = [image_size(name, i, data, self.max_side) for i, data in enumerate(blobs)]
