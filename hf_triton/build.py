@@ -192,6 +192,8 @@ def _python_config(
     optional_inputs: bool | frozenset[str],
     instances: int = 1,
     kind: str = "KIND_CPU",
+    batching: str = "Requests arriving together run as one batch (one forward pass).",
+    placement: str = "KIND_CPU here; with KIND_GPU model.py moves the model to the instance's GPU.",
 ) -> str:
     lines = [
         *_comment(header, ""),
@@ -203,16 +205,30 @@ def _python_config(
     lines += _tensors("input", inputs, optional=optional_inputs)
     lines += _tensors("output", outputs, label_file=True)
     lines.append("")
-    lines += _batching(options, "Requests arriving together run as one batch (one forward pass).")
+    lines += _batching(options, batching)
     lines.append("")
-    lines += _instances(
-        "KIND_CPU here; with KIND_GPU model.py moves the model to the instance's GPU.",
-        instances,
-        kind,
-    )
+    lines += _instances(placement, instances, kind)
     lines.append("")
     lines += _parameters(params)
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_params(options: BuildOptions) -> list[tuple[str, str, str]]:
+    """What a Python pipeline (processor or tokenizer + model) runs in: precision, threads."""
+    return [
+        (
+            "precision",
+            options.precision,
+            "fp32 (reference), bf16, int8 (dynamic quantisation of Linear layers) or\n"
+            "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
+            '(README, "Precision").',
+        ),
+        (
+            "torch_threads",
+            str(options.torch_threads),
+            "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
+        ),
+    ]
 
 
 def _checkpoint_params(spec: ModelSpec, options: BuildOptions) -> list[tuple[str, str, str]]:
@@ -353,18 +369,7 @@ def build(
         name = f"python_{options.name}"
         pipeline_params = [
             *params,
-            (
-                "precision",
-                options.precision,
-                "fp32 (reference), bf16, int8 (dynamic quantisation of Linear layers) or\n"
-                "fp16 (GPU); non-fp32 builds passed the accuracy gate against fp32\n"
-                '(README, "Precision").',
-            ),
-            (
-                "torch_threads",
-                str(options.torch_threads),
-                "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
-            ),
+            *_pipeline_params(options),
             *_postprocessing_params(spec, options),
         ]
         step = "image processor" if task.modality == "image" else "tokenizer"
@@ -542,6 +547,8 @@ def _build_image_text(
             params,
             options,
             optional_inputs=optional,
+            batching="Requests arriving together come in one call; their tower calls run at once.",
+            placement="One CPU instance: it only waits on the towers, which do the work.",
         )
         _write_model(repo / name, lines, ZERO_SHOT_PY, None)
 
@@ -550,20 +557,7 @@ def _build_image_text(
         entry = f"python_{options.name}"
         for side, tower in towers.items():
             name = f"{entry}_{side}"
-            params = [
-                *_checkpoint_params(tower, options),
-                (
-                    "precision",
-                    options.precision,
-                    "fp32 (reference), bf16, int8 or fp16 (GPU); non-fp32 builds passed the\n"
-                    'accuracy gate against fp32 (README, "Precision").',
-                ),
-                (
-                    "torch_threads",
-                    str(options.torch_threads),
-                    "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
-                ),
-            ]
+            params = [*_checkpoint_params(tower, options), *_pipeline_params(options)]
             header = (
                 f"The {side} tower of an image-text model: "
                 f"{'image processor' if side == 'image' else 'tokenizer'} + model -> "

@@ -38,6 +38,7 @@ import numpy as np
 from hf_triton import families
 from hf_triton.errors import HfTritonError
 from hf_triton.tasks import TASKS
+from hf_triton.templates.hf_common import HYPOTHESIS_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -727,7 +728,7 @@ def _check_zero_shot(case: Case, url: str, images: dict[str, bytes]) -> list[Row
     model: Any = pipe.model
     processor: Any = pipe.image_processor
     tokenizer: Any = pipe.tokenizer
-    texts = [f"This is a photo of {x}." for x in ZERO_SHOT_LABELS]
+    texts = [HYPOTHESIS_TEMPLATE.format(x) for x in ZERO_SHOT_LABELS]
     pad: dict[str, Any] = {"padding": True}
     if model.config.model_type == "siglip":  # the pipeline's rule for SigLIP
         pad = {"padding": "max_length", "max_length": 64, "truncation": True}

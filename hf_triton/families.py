@@ -393,12 +393,9 @@ def _siglip_unigram() -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    learnt = _learn("XLMRobertaTokenizer", "unigram")
-    specials = ("<pad>", "</s>", "<unk>")
-    pieces = [p for p in _pieces(learnt) if p not in specials]
-    total = sum(learnt.counts.values()) + len(pieces)
-    vocab = [(token, 0.0) for token in specials]
-    vocab += [(p, math.log((learnt.counts.get(p, 0) + 1) / total)) for p in pieces]
+    vocab, total = _unigram_vocab(
+        _learn("XLMRobertaTokenizer", "unigram"), ("<pad>", "</s>", "<unk>")
+    )
     vocab += [(f"<0x{b:02X}>", math.log(1 / total) - 10.0) for b in range(256)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
     tok.normalizer = normalizers.Lowercase()
@@ -465,27 +462,33 @@ def _modernbert_bpe() -> Any:
     )
 
 
+def _unigram_vocab(
+    learnt: _Learnt, first: tuple[str, ...], last: tuple[str, ...] = ()
+) -> tuple[list[tuple[str, float]], int]:
+    """(piece, score) for a Unigram model, and the count the scores are relative to: the
+    special tokens ``first`` and ``last`` score 0.0, as SentencePiece gives them; each learnt
+    piece the log of its (add-one smoothed) frequency in the corpus' segmentation, so Viterbi
+    prefers the learnt pieces."""
+    import math
+
+    pieces = [p for p in _pieces(learnt) if p not in first and p not in last]
+    total = sum(learnt.counts.values()) + len(pieces)
+    vocab = [(token, 0.0) for token in first]
+    vocab += [(p, math.log((learnt.counts.get(p, 0) + 1) / total)) for p in pieces]
+    vocab += [(token, 0.0) for token in last]
+    return vocab, total
+
+
 def _unigram(
     tokenizer_class: str, first: tuple[str, ...], last: tuple[str, ...] = (), **kwargs: Any
 ) -> Callable[[], Any]:
-    """A SentencePiece-style Unigram ``tokenizer_class`` (Metaspace pipeline).
-
-    The pieces are those byte-pair encoding learnt; each scores the log of its (add-one
-    smoothed) frequency in the corpus' segmentation, so Viterbi prefers the learnt pieces.
-    Special tokens score 0.0, as SentencePiece gives them.
-    """
+    """A SentencePiece-style Unigram ``tokenizer_class`` (Metaspace pipeline) over the pieces
+    byte-pair encoding learnt (scores: :func:`_unigram_vocab`)."""
 
     def build() -> Any:
-        import math
-
         import transformers
 
-        learnt = _learn(tokenizer_class, "unigram")
-        pieces = [p for p in _pieces(learnt) if p not in first and p not in last]
-        total = sum(learnt.counts.values()) + len(pieces)
-        vocab = [(token, 0.0) for token in first]
-        vocab += [(p, math.log((learnt.counts.get(p, 0) + 1) / total)) for p in pieces]
-        vocab += [(token, 0.0) for token in last]
+        vocab, _ = _unigram_vocab(_learn(tokenizer_class, "unigram"), first, last)
         cls = getattr(transformers, tokenizer_class)
         return cls(vocab=vocab, model_max_length=MODEL_MAX_LENGTH, **kwargs)
 

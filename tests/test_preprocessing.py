@@ -128,7 +128,7 @@ def test_decoding_matches_load_image(model_py, tmp_path, kind):
     path = tmp_path / "image"
     path.write_bytes(ENCODED[kind])
     want = np.asarray(load_image(str(path)))
-    height, width = model_py.image_size("image_bytes", 0, ENCODED[kind], 8192)
+    height, width = model_py.hf_common.image_size("image_bytes", 0, ENCODED[kind], 8192)
     assert height * width == want.shape[0] * want.shape[1]  # before EXIF rotation
     got = np.asarray(model_py.decode("image_bytes", 0, ENCODED[kind]))
     assert got.dtype == np.uint8 and got.shape == want.shape
@@ -139,12 +139,12 @@ def test_decoding_matches_load_image(model_py, tmp_path, kind):
 
 def test_corrupt_and_empty_bytes_are_bad_input(model_py):
     with pytest.raises(model_py.BadInput, match=r"'image_bytes'\[2\]: not a decodable image"):
-        model_py.image_size("image_bytes", 2, b"\xff\xd8 not really a jpeg", 8192)
+        model_py.hf_common.image_size("image_bytes", 2, b"\xff\xd8 not really a jpeg", 8192)
     with pytest.raises(model_py.BadInput, match=r"'image_bytes'\[0\]: empty"):
-        model_py.image_size("image_bytes", 0, b"", 8192)
+        model_py.hf_common.image_size("image_bytes", 0, b"", 8192)
     jpeg = ENCODED["exif-rotated-jpeg"]
     truncated = jpeg[: len(jpeg) * 2 // 3]  # the header survives, the pixels do not
-    assert model_py.image_size("image_bytes", 1, truncated, 8192) == (90, 120)
+    assert model_py.hf_common.image_size("image_bytes", 1, truncated, 8192) == (90, 120)
     with pytest.raises(model_py.BadInput, match=r"'image_bytes'\[1\]: not a decodable image"):
         model_py.decode("image_bytes", 1, truncated)
 
@@ -153,4 +153,4 @@ def test_oversized_image_refused_before_decoding(model_py):
     huge = io.BytesIO()
     Image.new("RGB", (9000, 10), "white").save(huge, format="PNG")
     with pytest.raises(model_py.BadInput, match="exceeds the 8192 px limit per side"):
-        model_py.image_size("image_bytes", 0, huge.getvalue(), 8192)
+        model_py.hf_common.image_size("image_bytes", 0, huge.getvalue(), 8192)

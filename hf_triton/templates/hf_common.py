@@ -503,8 +503,16 @@ IMAGE_UINT8 = "image_uint8"
 IMAGE_BYTES = "image_bytes"
 #: The three ways a request sends images: exactly one per request.
 IMAGE_INPUTS = (IMAGE, IMAGE_UINT8, IMAGE_BYTES)
-#: Default of the longest side accepted (config parameter max_side_px).
+#: Defaults of the per-request limits (config parameters max_side_px, max_request_megapixels).
 MAX_SIDE_PX = 8192
+MAX_REQUEST_MEGAPIXELS = 64
+
+
+def image_limits(params):
+    """(longest side in px, pixels per request) from a model's config parameters."""
+    max_side = int(params.get("max_side_px") or MAX_SIDE_PX)
+    megapixels = float(params.get("max_request_megapixels") or MAX_REQUEST_MEGAPIXELS)
+    return max_side, int(megapixels * 1e6)
 
 
 def check_size(name, height, width, max_side):
@@ -552,18 +560,24 @@ def check_pixels(name, images):
         )
 
 
-def check_images(name, tensor, max_side=MAX_SIDE_PX):
+def check_images(name, tensor, max_side, max_request_pixels):
     """What can be checked of a request's images before any is decoded: each encoded image's
-    header and size, or an array's size and (FP32) its values. Raises :class:`BadInput`."""
+    header and size, or an array's size and (FP32) its values, and the request's pixels against
+    its budget. Returns each image's (height, width); raises :class:`BadInput`."""
     if name == IMAGE_BYTES:
-        for i, data in enumerate(tensor.reshape(-1)):
-            image_size(name, i, bytes(data), max_side)
-        return
-    if tensor.ndim != 4 or tensor.shape[-1] != 3:
-        raise BadInput(f"input '{name}': expected N x H x W x 3, got {list(tensor.shape)}")
-    check_size(name, tensor.shape[1], tensor.shape[2], max_side)
+        sizes = [image_size(name, i, bytes(data), max_side) for i, data in enumerate(tensor.flat)]
+    else:
+        check_size(name, tensor.shape[1], tensor.shape[2], max_side)
+        sizes = [(int(tensor.shape[1]), int(tensor.shape[2]))] * len(tensor)
+    pixels = sum(h * w for h, w in sizes)
+    if pixels > max_request_pixels:
+        raise BadInput(
+            f"input '{name}': {pixels / 1e6:.1f} megapixels in one request exceed the "
+            f"budget of {max_request_pixels / 1e6:g}; split the request"
+        )
     if name == IMAGE:
         check_pixels(name, tensor)
+    return sizes
 
 
 # -- image-text models (CLIP, SigLIP) ----------------------------------------------------------

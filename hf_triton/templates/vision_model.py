@@ -54,12 +54,8 @@ from hf_common import (
     IMAGE,
     IMAGE_BYTES,
     IMAGE_INPUTS,
-    MAX_SIDE_PX,
     BadInput,
     ModelError,
-    check_pixels,
-    check_size,
-    image_size,
     open_image,
 )
 from PIL import Image, ImageOps
@@ -67,8 +63,6 @@ from PIL import Image, ImageOps
 PIXEL_VALUES = "pixel_values"
 TARGET_SIZE = "target_size"
 DETECTIONS = "detections"
-#: Defaults of the budgets (config parameters of the same names override them).
-MAX_REQUEST_MEGAPIXELS = 64
 #: Pixels decoded and being resized at once, across worker threads (memory: ~12 bytes each).
 MAX_DECODE_MEGAPIXELS = 48
 #: The vectorised path must match the processor this closely (normalised pixel values).
@@ -250,10 +244,7 @@ class TritonPythonModel:
         task = params.get("task", "image-feature-extraction")
         if task not in hf_common.IMAGE_TASKS:
             raise ModelError(f"task {task!r} is not an image task of {list(hf_common.IMAGE_TASKS)}")
-        self.max_side = int(params.get("max_side_px") or MAX_SIDE_PX)
-        self.max_request_pixels = int(
-            float(params.get("max_request_megapixels") or MAX_REQUEST_MEGAPIXELS) * 1e6
-        )
+        self.max_side, self.max_request_pixels = hf_common.image_limits(params)
         self.budget = PixelBudget(
             int(float(params.get("max_decode_megapixels") or MAX_DECODE_MEGAPIXELS) * 1e6)
         )
@@ -380,32 +371,20 @@ class TritonPythonModel:
         """The request's images as :class:`Pending` ones: a PIL image once decoded (bytes), or
         a uint8 H x W x 3 array."""
         name, tensor = hf_common.one_input(request, self.inputs)
-        if name == IMAGE_BYTES:
-            blobs = [bytes(item) for item in tensor.as_numpy().reshape(-1)]
-            sizes = [image_size(name, i, data, self.max_side) for i, data in enumerate(blobs)]
-            self._check_budget(name, sum(h * w for h, w in sizes))
-            return [
-                Pending(h * w, lambda i=i, data=data: decode(name, i, data))
-                for i, (data, (h, w)) in enumerate(zip(blobs, sizes, strict=True))
-            ]
         images = tensor.as_numpy()
-        check_size(name, images.shape[1], images.shape[2], self.max_side)
-        self._check_budget(name, images.shape[0] * images.shape[1] * images.shape[2])
+        sizes = hf_common.check_images(name, images, self.max_side, self.max_request_pixels)
+        if name == IMAGE_BYTES:
+            return [
+                Pending(h * w, lambda i=i, data=bytes(data): decode(name, i, data))
+                for i, (data, (h, w)) in enumerate(zip(images.flat, sizes, strict=True))
+            ]
         if name == IMAGE:
-            check_pixels(name, images)
             # 8-bit pixels, as every image processor expects them (a [0, 1] float image would
             # otherwise be rescaled by one path and not by the other).
             return [
                 Pending(im.size // 3, lambda im=im: np.rint(im).astype(np.uint8)) for im in images
             ]
         return [Pending(im.size // 3, lambda im=im: im) for im in images]
-
-    def _check_budget(self, name, pixels):
-        if pixels > self.max_request_pixels:
-            raise BadInput(
-                f"input '{name}': {pixels / 1e6:.1f} megapixels in one request exceed the "
-                f"budget of {self.max_request_pixels / 1e6:g}; split the request"
-            )
 
     def _preprocess(self, images):
         """pixel_values for the batch, and each image's (height, width) as loaded."""

@@ -90,9 +90,10 @@ class TritonPythonModel:
                 )
             self.scale = float(params["logit_scale"])
             self.bias = float(params.get("logit_bias") or 0.0)
-            # Texts per call of the text model: no more than its max_batch_size.
-            self.text_batch = int(params.get("text_batch_size") or config["max_batch_size"] or 1)
-            self.max_side = int(params.get("max_side_px") or hf_common.MAX_SIDE_PX)
+            # Texts per call of the text model: build gives the towers this model's
+            # max_batch_size.
+            self.text_batch = int(config["max_batch_size"] or 1)
+            self.limits = hf_common.image_limits(params)
         except (KeyError, ValueError) as e:
             raise pb_utils.TritonModelException(f"{self.name}: {type(e).__name__}: {e}") from e
         except ModelError as e:
@@ -119,7 +120,7 @@ class TritonPythonModel:
     async def _classify(self, request):
         name, image = hf_common.one_input(request, self.inputs)
         # Checked here too: an error a tower returns through BLS reaches this model as a 500.
-        hf_common.check_images(name, image.as_numpy(), self.max_side)
+        hf_common.check_images(name, image.as_numpy(), *self.limits)
         rows = pb_utils.get_input_tensor_by_name(request, LABELS).as_numpy()
         if rows.ndim != 2 or rows.shape[1] == 0:
             raise BadInput(f"input '{LABELS}': at least one label per image, got {rows.shape}")
