@@ -48,6 +48,10 @@ class BuildOptions:
     #: 0: a batch is what queued while the previous one ran, nothing waits for more. On a CPU,
     #: where compute grows with the batch, waiting only adds latency (2 ms per step at c=1).
     max_queue_delay_us: int = 0
+    #: With a delay, a batch of this size goes at once instead of waiting for
+    #: max_batch_size or the delay (0: none). Useful when clients keep a known number of
+    #: requests in flight, fewer than max_batch_size.
+    preferred_batch_size: int = 0
     #: Requests that may wait per model (default: two batches' worth); 0 = unbounded.
     max_queue_size: int | None = None
     queue_timeout_ms: int = 10_000
@@ -159,11 +163,20 @@ def _batching(options: BuildOptions, comment: str) -> list[str]:
         else "  # Waits this long for more requests: fewer, larger calls (hf-triton optimize\n"
         "  # measures whether that pays; it does where a call's fixed cost dominates)."
     )
+    preferred = (
+        [
+            "  # A batch of this size goes at once, without waiting out the delay.",
+            f"  preferred_batch_size: [ {options.preferred_batch_size} ]",
+        ]
+        if options.preferred_batch_size
+        else []
+    )
     return [
         *_comment(comment, ""),
         "dynamic_batching {",
         delay,
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
+        *preferred,
         *(policy if queue else []),
         "}",
     ]
@@ -340,6 +353,11 @@ def build(
     if options.top_k < 0:
         raise tasks.UnsupportedModel(
             f"--top-k {options.top_k}: the number of detections to keep, >= 0 (0: all)"
+        )
+    if not 0 <= options.preferred_batch_size <= options.max_batch_size:
+        raise tasks.UnsupportedModel(
+            f"--preferred-batch-size {options.preferred_batch_size}: between 1 and "
+            f"--max-batch-size ({options.max_batch_size}), or 0 for none"
         )
     if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise tasks.UnsupportedModel(

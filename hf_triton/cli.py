@@ -286,6 +286,7 @@ def _build(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_size=args.preferred_batch_size,
     )
     result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
@@ -484,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on a GPU, where larger batches are nearly free)",
     )
     bu.add_argument(
+        "--preferred-batch-size",
+        type=int,
+        default=0,
+        help="with a delay: a batch of this size goes at once (e.g. the number of requests "
+        "your clients keep in flight; default 0: none)",
+    )
+    bu.add_argument(
         "--queue-timeout-ms",
         type=int,
         default=10_000,
@@ -621,10 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--tune",
         type=_csv(str),
-        default=["instances", "delay", "preprocessing"],
-        help="knobs to search for the winner: instances (ONNX Runtime or PyTorch threads split "
-        "between them), delay (the batcher's), preprocessing (the ensemble's instances); "
-        "default: all",
+        default=["instances", "delay", "batch", "preprocessing"],
+        help="knobs to search for the winner, in this order: instances (ONNX Runtime or "
+        "PyTorch threads split between them), delay (the batcher's), batch (a preferred batch "
+        "size: what each instance gets when every client has a request in flight), "
+        "preprocessing (the ensemble's instances); default: all",
     )
     op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
     op.add_argument("--name", default="model", help="model name in the written repository")

@@ -80,9 +80,11 @@ CANDIDATES = (
 )
 YARDSTICK = "fp32-onnxruntime"
 
-#: What tuning searches: instances (with ONNX Runtime's or PyTorch's threads split), the
-#: batcher's delay, the ensemble's preprocessing instances.
-KNOBS = ("instances", "delay", "preprocessing")
+#: What tuning searches, in this order: instances (with ONNX Runtime's or PyTorch's threads
+#: split), the batcher's delay, a preferred batch size (the requests each instance gets when
+#: every client has one in flight: it goes at once instead of waiting out the delay), the
+#: ensemble's preprocessing instances.
+KNOBS = ("instances", "delay", "batch", "preprocessing")
 
 
 def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> list[Candidate]:
@@ -338,15 +340,18 @@ class _Reloader:
 
     def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
         """``values``: instances / preprocessing_instances / intra_op_threads / torch_threads /
-        max_queue_delay_us; ``models``: role -> served model name."""
+        max_queue_delay_us / preferred_batch_size; ``models``: role -> served model name."""
         for role, model in models.items():
             config = self.config(model)
             count = values["instances" if role != "preprocessing" else "preprocessing_instances"]
             for group in config.get("instance_group", []):
                 group["count"] = count
             if "dynamic_batching" in config:
-                delay = values["max_queue_delay_us"]
-                config["dynamic_batching"]["max_queue_delay_microseconds"] = delay
+                batching = config["dynamic_batching"]
+                batching["max_queue_delay_microseconds"] = values["max_queue_delay_us"]
+                preferred = values["preferred_batch_size"]
+                if preferred or batching.get("preferred_batch_size"):
+                    batching["preferred_batch_size"] = [preferred] if preferred else []
             if role == "onnx":
                 threads = values["intra_op_threads"]
                 params = config.setdefault("parameters", {})
@@ -368,29 +373,31 @@ def check_knobs(knobs: list[str]) -> None:
         raise OptimizeError(f"unknown tuning knobs {unknown}; choose from {', '.join(KNOBS)}")
 
 
-def _trials(c: Candidate, cores: int, knobs: list[str]) -> list[tuple[str, dict[str, int]]]:
-    """Single changes to try on top of the current best, in order."""
+def _trial(
+    knob: str, c: Candidate, cores: int, best: dict[str, int], concurrency: int, max_batch: int
+) -> tuple[str, dict[str, int]] | None:
+    """One change to try on top of the current best (None: it would change nothing)."""
     split = max(1, cores // 2)
-    changes = [
-        (
-            "instances",
-            f"2 instances x {split} threads",
-            {"instances": 2, "intra_op_threads": split},
-        ),
-        ("delay", "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}),
-        ("preprocessing", "2 preprocessing instances", {"preprocessing_instances": 2}),
-    ]
-    if c.approach == "python":
-        changes = [
-            (
-                "instances",
-                f"2 instances x {split} torch threads",
-                {"instances": 2, "torch_threads": split},
-            ),
-            changes[1],
-        ]
-    check_knobs(knobs)
-    return [(change, delta) for knob, change, delta in changes if knob in knobs]
+    if knob == "instances":
+        threads = "torch_threads" if c.approach == "python" else "intra_op_threads"
+        kind = "torch threads" if c.approach == "python" else "threads"
+        return f"2 instances x {split} {kind}", {"instances": 2, threads: split}
+    if knob == "delay":
+        return "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}
+    if knob == "batch":
+        # The batcher already sends a full batch at once: a preferred size only matters
+        # below max_batch_size.
+        size = min(concurrency, max_batch) // best["instances"]
+        if not 1 <= size < max_batch:
+            return None
+        delay = best["max_queue_delay_us"] or 2000
+        return (
+            f"preferred batch of {size}, waiting up to {delay / 1000:g} ms for it",
+            {"preferred_batch_size": size, "max_queue_delay_us": delay},
+        )
+    if knob == "preprocessing" and c.approach == "ensemble":
+        return "2 preprocessing instances", {"preprocessing_instances": 2}
+    return None
 
 
 def tune(
@@ -413,6 +420,7 @@ def tune(
         "intra_op_threads": 0,
         "torch_threads": 0,
         "max_queue_delay_us": options.options.max_queue_delay_us,
+        "preferred_batch_size": options.options.preferred_batch_size,
     }
     reloader = _Reloader(http_url, admin_key)
     # The ONNX Runtime step: the last, or the one before a post-processing step.
@@ -422,7 +430,12 @@ def tune(
         models = {"python": target.model}
     trials = []
     try:
-        for change, delta in _trials(c, cores, options.tune):
+        for knob in [k for k in KNOBS if k in options.tune]:
+            step = _trial(knob, c, cores, best, options.concurrency, options.options.max_batch_size)
+            if step is None:
+                progress(f"tuning {c.key}: {knob}: nothing to try with {best}")
+                continue
+            change, delta = step
             trial = Trial(change, best | delta)
             for pair in range(options.rounds):
                 progress(f"tuning {c.key}: {change}, pair {pair + 1}/{options.rounds}")

@@ -91,7 +91,7 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
         "--name",
         "cls",
         "--tune",
-        "instances",  # the reload path; each knob more is two reloads more
+        "instances,batch",  # the reload path; each knob more is two reloads more
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "optimize_report.json").read_text())
@@ -123,6 +123,10 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     config = (compute / "config.pbtxt").read_text()
     assert _instances(config) == tuned["instances"]
     assert f"max_queue_delay_microseconds: {tuned['max_queue_delay_us']}" in config
+    # concurrency 2 < max_batch_size 8: a preferred batch (2 per kept instance) was tried.
+    assert any(t["change"].startswith("preferred batch of ") for t in report["trials"])
+    preferred = tuned["preferred_batch_size"]
+    assert (f"preferred_batch_size: [ {preferred} ]" in config) is bool(preferred), config
     threads = "torch_threads" if winner["approach"] == "python" else "intra_op_thread_count"
     kept = tuned["torch_threads" if winner["approach"] == "python" else "intra_op_threads"]
     assert f'string_value: "{kept}"' in config.split(f'key: "{threads}"')[1].split("}")[0]
@@ -167,3 +171,35 @@ def test_fused_graph_is_exact_and_fused(tmp_path):
         for p in (plain, fused)
     )
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("approach", "instances", "delay", "concurrency", "max_batch", "want"),
+    [
+        # One instance, as many clients as max_batch_size: full batches go at once already.
+        ("ensemble", 1, 0, 8, 8, None),
+        ("ensemble", 1, 0, 8, 16, ("preferred batch of 8, waiting up to 2 ms for it", 8, 2000)),
+        ("python", 2, 0, 8, 8, ("preferred batch of 4, waiting up to 2 ms for it", 4, 2000)),
+        ("ensemble", 1, 500, 2, 8, ("preferred batch of 2, waiting up to 0.5 ms for it", 2, 500)),
+    ],
+)
+def test_preferred_batch_trial_follows_the_current_best(
+    approach, instances, delay, concurrency, max_batch, want
+):
+    c = optimize.Candidate("x", "fp32", approach)
+    best = {"instances": instances, "max_queue_delay_us": delay, "preferred_batch_size": 0}
+    step = optimize._trial("batch", c, 2, best, concurrency, max_batch)
+    if want is None:
+        assert step is None
+    else:
+        change, delta = step
+        assert (change, delta["preferred_batch_size"], delta["max_queue_delay_us"]) == want
+
+
+def test_preprocessing_knob_is_for_the_ensemble_only():
+    python = optimize.Candidate("x", "fp32", "python")
+    assert optimize._trial("preprocessing", python, 2, {}, 8, 8) is None
+    ensemble = optimize.Candidate("x", "fp32", "ensemble")
+    assert optimize._trial("preprocessing", ensemble, 2, {}, 8, 8)[1] == {
+        "preprocessing_instances": 2
+    }
