@@ -32,12 +32,17 @@ DEFAULT_REPOSITORIES = (
     PROJECT_ROOT / "ensemble_model_repository",
 )
 ONNX_FILENAME = "model.onnx"
-#: The server's environment beyond the launcher's own. PyTorch's OpenMP threads spin while
-#: they wait for work by default; in a Python-backend stub next to Triton's own threads on a
-#: few cores that made one request in ~30 stall for ~500 ms (p95 at concurrency 1: 511 ms
-#: -> 12 ms with passive waiting, measured on the tiny ViT; deploy/ sets the same). It costs
-#: ~6% of PyTorch's throughput on ViT-base here; a value in the launcher's environment wins.
-SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: The server's environment beyond the launcher's own: how PyTorch's idle OpenMP threads wait.
+#: By default (libgomp, PyTorch's) they spin ~3 ms after each parallel region; in a
+#: Python-backend stub next to Triton's threads on few cores that stalled one request in a few
+#: hundred by ~500 ms (tiny ViT, c=1: max 521-524 ms). Never spinning (PASSIVE) cured that but
+#: cost PyTorch ~30% of its ViT-base throughput here (a sleep and wake-up between every two
+#: operations). A short spin, 10,000 iterations (~0.1 ms), keeps threads awake between the
+#: operations of one forward pass and lets them sleep soon after it: no stall (max 25-30 ms)
+#: and the throughput of the default. PASSIVE stays for OpenMP runtimes other than libgomp;
+#: libgomp obeys GOMP_SPINCOUNT over it. deploy/ sets the same; a value in the launcher's
+#: environment wins.
+SERVER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 #: Files at least this large are linked into the staged copy instead of copied.
 _LINK_BYTES = 1 << 20
 
