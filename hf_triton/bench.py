@@ -927,7 +927,7 @@ class BenchReport:
 def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchReport:
     """Measure every entry model next to its bare runtime, in one process."""
     from hf_triton import checkpoints
-    from hf_triton.serve import DEFAULT_REPOSITORIES, Deployment, onnx_models
+    from hf_triton.serve import DEFAULT_REPOSITORIES, SERVER_ENV, Deployment, onnx_models
     from hf_triton.server import ServerConfig, free_port
 
     settings = options.settings
@@ -940,6 +940,7 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
     server = None
     admin_key = os.environ.get("HF_TRITON_ADMIN_KEY")
     onnx_dirs: dict[str, Path] = {}
+    server_env = "unknown (a server started elsewhere)"
     if options.url:
         url, http_url = options.url, options.http_url or options.url
         if options.onnx is not None:
@@ -972,6 +973,8 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
         config = ServerConfig([], http_port=http, grpc_port=grpc, metrics_port=free_port())
         server = deployment.server(config)
         admin_key = config.admin_key
+        # How the server's PyTorch threads wait moves its figures (README, Throughput).
+        server_env = " ".join(f"{k}={server.extra_env.get(k, '')}" for k in SERVER_ENV)
         progress(f"starting Triton (log: {server.log_path})")
         server.start()
         http_url = f"127.0.0.1:{http}"
@@ -994,7 +997,7 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
             sample_image(settings),
         )
     weights = "; ".join(sorted({_weights(t.checkpoint) for t in targets}))
-    machine = machine_description() | {"weights": weights}
+    machine = machine_description() | {"weights": weights, "server_env": server_env}
     return BenchReport(results, preprocessing, machine, taxes)
 
 

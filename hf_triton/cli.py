@@ -147,7 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
     machine = result.machine
     print(
         f"\nMachine: {machine['cpu']}, {machine['cores']} cores, {machine['kind']}; "
-        f"weights: {machine['weights']}"
+        f"weights: {machine['weights']}; server environment: {machine['server_env']}"
     )
     print(result.text())
     paths = bench.save(result.results, result.preprocessing, machine, args.out, result.taxes)

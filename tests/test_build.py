@@ -159,24 +159,3 @@ def test_checkpoint_path_with_quotes_stays_one_pbtxt_string(tmp_path, tiny_check
     repo = tmp_path / "out" / "python_model_repository"
     config = read_config(repo / "python_vit" / "config.pbtxt")
     assert config.parameters["checkpoint"].string_value == str(odd)
-
-
-def test_preferred_batch_size_is_written_for_every_batched_step(tmp_path, tiny_checkpoint):
-    from hf_triton.serve import read_config
-
-    spec = ModelSpec.resolve(tiny_checkpoint)
-    with pytest.raises(tasks.UnsupportedModel, match="--preferred-batch-size 9: between 1 and"):
-        build(spec, tmp_path / "bad", options=BuildOptions(preferred_batch_size=9))
-    assert not (tmp_path / "bad").exists()
-    options = BuildOptions(max_queue_delay_us=2000, preferred_batch_size=4)
-    build(spec, tmp_path / "out", options=options, export_onnx=False)
-    configs = sorted((tmp_path / "out").glob("*/*/config.pbtxt"))
-    batched = [read_config(p) for p in configs if read_config(p).HasField("dynamic_batching")]
-    assert {c.name for c in batched} == {"python_vit", "preprocessing", "vit"}
-    for config in batched:  # parsed with Triton's schema
-        assert list(config.dynamic_batching.preferred_batch_size) == [4], config.name
-        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-    default = tmp_path / "default"
-    build(spec, default, export_onnx=False)
-    text = (default / "python_model_repository" / "python_vit" / "config.pbtxt").read_text()
-    assert "preferred_batch_size" not in text

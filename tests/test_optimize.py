@@ -203,3 +203,39 @@ def test_preprocessing_knob_is_for_the_ensemble_only():
     assert optimize._trial("preprocessing", ensemble, 2, {}, 8, 8)[1] == {
         "preprocessing_instances": 2
     }
+
+
+def test_preferred_batch_size_is_written_loaded_and_served(tmp_path, tiny_checkpoint):
+    """What optimize writes when it keeps a preferred batch: every batched step carries it (the
+    ONNX step declares max_batch_size for it), Triton loads it, and the ensemble answers."""
+    from hf_triton.build import BuildOptions, build
+    from hf_triton.serve import read_config
+    from hf_triton.spec import ModelSpec
+    from hf_triton.tasks import UnsupportedModel
+
+    spec = ModelSpec.resolve(tiny_checkpoint)
+    with pytest.raises(UnsupportedModel, match="--preferred-batch-size 9: between 1 and"):
+        build(spec, tmp_path / "bad", options=BuildOptions(preferred_batch_size=9))
+    assert not (tmp_path / "bad").exists()
+    options = BuildOptions(max_queue_delay_us=2000, preferred_batch_size=4)
+    repos = build(spec, tmp_path / "out", "both", options).repositories
+    configs = [read_config(p) for repo in repos for p in sorted(repo.glob("*/config.pbtxt"))]
+    batched = [c for c in configs if c.HasField("dynamic_batching")]
+    assert {c.name for c in batched} == {"python_vit", "preprocessing", "vit"}
+    for config in batched:  # parsed with Triton's schema
+        assert list(config.dynamic_batching.preferred_batch_size) == [4], config.name
+        assert config.max_batch_size == 8, config.name
+    launched = launch([repos[1]], tmp_path / "serve")
+    try:
+        client = httpclient.InferenceServerClient(url=launched.url)
+        served = client.get_model_config("vit")
+        assert served["dynamic_batching"]["preferred_batch_size"] == [4]
+        image = np.zeros((2, 64, 48, 3), np.uint8)
+        tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
+        tensor.set_data_from_numpy(image)
+        out = client.infer("ensemble_model", [tensor]).as_numpy("pooler_output")
+        assert out.shape == (2, 32) and np.isfinite(out).all()
+    finally:
+        launched.stop()
+    default = build(spec, tmp_path / "default", "ensemble", export_onnx=False).repositories[0]
+    assert "preferred_batch_size" not in (default / "vit" / "config.pbtxt").read_text()

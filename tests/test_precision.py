@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hf_triton import precision
 from hf_triton.build import BuildOptions, build
 from hf_triton.checkpoints import build_vit_checkpoint
 from hf_triton.errors import HfTritonError
+from hf_triton.serve import SERVER_ENV
 from hf_triton.spec import ModelSpec
 
 from conftest import launch
@@ -274,7 +276,13 @@ def test_benchmark_precision_axis_smoke(small_vit, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "accuracy gate: int8" in run.stdout
-    rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    # The benchmark's own server: its OpenMP waiting (the launcher's, unless the caller's
+    # environment says otherwise) is named with the figures.
+    waiting = " ".join(f"{k}={os.environ.get(k, v)}" for k, v in SERVER_ENV.items())
+    assert "GOMP_SPINCOUNT=" in waiting and data["machine"]["server_env"] == waiting
+    assert f"server environment: {waiting}" in run.stdout
+    rows = data["results"]
     seen = {(r["name"], r["precision"]) for r in rows}
     assert {
         ("ensemble_model_int8", "int8"),
