@@ -726,26 +726,22 @@ def _write_onnx_config(
     reads to export the right one; ONNX Runtime ignores it)."""
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "1" / ".gitkeep").touch()
-    declared = (
-        "Inputs and outputs are"
-        if options.preferred_batch_size
-        else ("Inputs, outputs and max_batch_size are")
-    )
+    # Triton checks a preferred batch size against max_batch_size before ONNX Runtime's
+    # auto-complete could fill it in: then it is declared here.
+    undeclared, declared = "Inputs, outputs and max_batch_size are", []
+    if options.preferred_batch_size:
+        undeclared = "Inputs and outputs are"
+        declared = [
+            "# Declared for preferred_batch_size below (Triton checks it before auto-complete).",
+            f"max_batch_size: {options.max_batch_size}",
+        ]
     lines = [
-        f"# Tuning only. {declared} NOT declared: ONNX Runtime",
+        f"# Tuning only. {undeclared} NOT declared: ONNX Runtime",
         "# auto-completes them from model.onnx (as in the tutorial), here and in NVIDIA's "
         "container.",
         f'name: "{model_dir.name}"',
         'backend: "onnxruntime"',
-        *(
-            [
-                "# Declared because of preferred_batch_size below: Triton checks that against",
-                "# max_batch_size before ONNX Runtime's auto-complete could fill it in.",
-                f"max_batch_size: {options.max_batch_size}",
-            ]
-            if options.preferred_batch_size
-            else []
-        ),
+        *declared,
         "",
         *_instances(
             "One instance using every core: the model's GEMMs already spread over all cores, and\n"
