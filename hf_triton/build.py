@@ -39,6 +39,8 @@ ZERO_SHOT_PY = TEMPLATES / "zero_shot_model.py"
 COMMON_PY = TEMPLATES / "hf_common.py"
 APPROACHES = ("python", "ensemble", "both")
 LABELS = "labels.txt"
+#: ONNX Runtime's session option (its own key): "0", its threads sleep while they wait for work.
+ONNX_NO_SPINNING = "session.intra_op.allow_spinning"
 
 
 @dataclass
@@ -774,6 +776,13 @@ def _write_onnx_config(
                     "all",
                     "Read by the Python-based backend; the native "
                     "one takes `optimization { graph { level } }`.",
+                ),
+                (
+                    ONNX_NO_SPINNING,
+                    "0",
+                    "ONNX Runtime's own session option, read by the Python-based backend: its\n"
+                    "threads sleep while they wait for work. Left spinning, they stalled requests\n"
+                    'by ~0.5 s on a 2-core CPU (README, "Serving tax").',
                 ),
                 *(
                     [(export.TOWER_PARAMETER, tower, "The image-text model's tower.")]

@@ -66,6 +66,15 @@ def test_vit_config_auto_completed_from_onnx(server):
     assert sorted(o["name"] for o in cfg["output"]) == sorted(OUTPUTS)
 
 
+def test_onnx_step_threads_do_not_spin(server):
+    """The generated config sets ONNX Runtime's own session option and the Python-based backend
+    applies it: ONNX Runtime's threads left spinning stalled requests by ~0.5 s here."""
+    client = httpclient.InferenceServerClient(url=server.url)
+    params = client.get_model_config("vit")["parameters"]
+    assert params["session.intra_op.allow_spinning"]["string_value"] == "0"
+    assert "session.intra_op.allow_spinning=0" in server.launched.log()
+
+
 def test_served_config_names_the_weights(server):
     client = httpclient.InferenceServerClient(url=server.url)
     for model in ("python_vit", "preprocessing"):
