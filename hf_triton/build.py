@@ -782,7 +782,7 @@ def _write_onnx_config(
                     "0",
                     "ONNX Runtime's own session option, read by the Python-based backend: its\n"
                     "threads sleep while they wait for work. Left spinning, they stalled requests\n"
-                    'by ~0.5 s on a 2-core CPU (README, "Serving tax").',
+                    'by ~0.5 s on a 2-core CPU (README, "Throughput").',
                 ),
                 *(
                     [(export.TOWER_PARAMETER, tower, "The image-text model's tower.")]
