@@ -100,6 +100,41 @@ def test_unknown_checkpoint_offline_is_a_clear_error(monkeypatch):
         checkpoints.resolve("./no/such/dir")
 
 
+def test_onnx_session_switch_with_a_wrong_value_is_refused_by_name(tmp_path):
+    """ONNX Runtime takes any value of its "0"/"1" session options silently: the backend does
+    not, and the launcher names the model, the parameter and the value."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    repo = tmp_path / "repo"
+    (repo / "spin" / "1").mkdir(parents=True)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), repo / "spin" / "1" / "model.onnx")
+    (repo / "spin" / "config.pbtxt").write_text(
+        'name: "spin"\nbackend: "onnxruntime"\n'
+        'parameters { key: "session.intra_op.allow_spinning" value { string_value: "no" } }\n'
+    )
+    run = run_cli(
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        timeout=180,
+    )
+    assert run.returncode == 1
+    assert "spin" in run.stderr
+    assert "parameter session.intra_op.allow_spinning must be 0 or 1, not 'no'" in run.stderr
+
+
 def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):
     """A model that fails to load: the launcher names it, says why, exits non-zero."""
     repo = tmp_path / "repo"

@@ -29,6 +29,13 @@ import onnx
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+#: ONNX Runtime session options that are switches ("0"/"1"); it accepts any other value silently.
+_SWITCHES = (
+    "session.intra_op.allow_spinning",
+    "session.inter_op.allow_spinning",
+    "session.force_spinning_stop",
+)
+
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -165,6 +172,11 @@ class TritonPythonModel:
         # left spinning stalled requests by ~0.5 s on a 2-core CPU.
         entries = {k: v for k, v in sorted(params.items()) if k.startswith("session.")}
         for key, value in entries.items():
+            if key in _SWITCHES and value not in ("0", "1"):
+                raise pb_utils.TritonModelException(
+                    f"{config['name']}: parameter {key} must be 0 or 1, not {value!r} "
+                    "(ONNX Runtime would silently read anything but 1 as 0)"
+                )
             options.add_session_config_entry(key, value)
         options.graph_optimization_level = _GRAPH_LEVELS[level]
 
