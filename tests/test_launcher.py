@@ -116,20 +116,7 @@ def test_onnx_session_switch_with_a_wrong_value_is_refused_by_name(tmp_path):
         'name: "spin"\nbackend: "onnxruntime"\n'
         'parameters { key: "session.intra_op.allow_spinning" value { string_value: "no" } }\n'
     )
-    run = run_cli(
-        "serve",
-        "--model-repository",
-        str(repo),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--http-port",
-        str(free_port()),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        timeout=180,
-    )
+    run = run_cli(*_serve_args(tmp_path, "--model-repository", str(repo)), timeout=180)
     assert run.returncode == 1
     assert "spin" in run.stderr
     assert "parameter session.intra_op.allow_spinning must be 0 or 1, not 'no'" in run.stderr
@@ -147,22 +134,10 @@ def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):
         "class TritonPythonModel:\n    def initialize(self, args):\n"
         "        raise RuntimeError('weights not found at /nowhere')\n"
     )
-    run = run_cli(
-        "serve",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--model-repository",
-        str(repo),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--http-port",
-        str(free_port()),
-        "--grpc-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        timeout=180,
+    args = _serve_args(
+        tmp_path, "--checkpoint", str(tiny_checkpoint), "--model-repository", str(repo)
     )
+    run = run_cli(*args, timeout=180)
     assert run.returncode == 1
     assert "broken" in run.stderr and "weights not found at /nowhere" in run.stderr
 
