@@ -270,6 +270,7 @@ class Target:
     steps: list[str]  # models a request passes through (Triton statistics)
     onnx: Path | None = None  # the ensemble's model.onnx (bare ONNX Runtime)
     tower: str | None = None  # "image" or "text": that tower of an image-text model
+    device: str = "cpu"  # where the Python pipeline runs ("cuda:N" for KIND_GPU): bare runs there
 
     @property
     def bare(self) -> str:
@@ -316,6 +317,10 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
             prec = params.get("precision", "fp32") if not steps else _onnx_precision(onnx)
             outputs = {o["name"] for o in config.get("output", [])}
             tower = next((side for side, name in EMBEDDINGS.items() if name in outputs), None)
+            group = (python.get("instance_group") or [{}])[0]
+            device = "cpu"
+            if not steps and group.get("kind") == "KIND_GPU":
+                device = f"cuda:{(group.get('gpus') or [0])[0]}"
             targets.append(
                 Target(
                     model,
@@ -326,6 +331,7 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
                     steps or [model],
                     onnx,
                     tower,
+                    device,
                 )
             )
         if callers:
@@ -420,12 +426,16 @@ class Bare:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
                 target.precision, torch.float32
             )
+            # The served instance's device: a KIND_GPU pipeline is measured against PyTorch on
+            # that GPU (inputs copied there and answers back, as model.py does).
+            device = torch.device(target.device)
+            module = module.to(device)
 
             def forward_all(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-                tensors = [torch.from_numpy(v) for v in feed.values()]
+                tensors = [torch.from_numpy(v).to(device) for v in feed.values()]
                 tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
                 with torch.inference_mode():
-                    return [o.float().numpy() for o in module(*tensors)]
+                    return [o.float().cpu().numpy() for o in module(*tensors)]
 
             self.forward_all = forward_all
             self.forward = lambda feed: forward_all(feed)[0]
@@ -1020,7 +1030,7 @@ def _measure_targets(
     taxes: list[Tax] = []
     image = sample_image(settings)
     texts = sample_texts()
-    bares: dict[tuple[str, str, str, str | None], Bare] = {}
+    bares: dict[tuple[str, str, str, str | None, str], Bare] = {}
     for target in targets:
         examples: list[Any] = [image] if target.modality == "image" else texts
         tokens = 0.0
@@ -1031,11 +1041,13 @@ def _measure_targets(
                 str(target.onnx or target.checkpoint),
                 target.precision,
                 target.tower,
+                target.device,
             )
             if key not in bares:
                 bares[key] = Bare(target)
                 for batch in sorted({1, max(settings.concurrency)}):
-                    progress(f"{target.bare} {target.precision} batch {batch} ({target.model})")
+                    on = "" if target.device == "cpu" else f" on {target.device}"
+                    progress(f"{target.bare} {target.precision} batch {batch}{on} ({target.model})")
                     results.append(bench_bare(bares[key], examples, batch, settings))
                     progress(_line(results[-1]))
             bare = bares[key]

@@ -222,6 +222,8 @@ def _python_config(
     lines.append("")
     lines += _batching(options, batching)
     lines.append("")
+    if kind == "KIND_GPU":
+        placement = "KIND_GPU: model.py moves the model to this instance's GPU (cuda:<id>)."
     lines += _instances(placement, instances, kind)
     lines.append("")
     lines += _parameters(params)
@@ -361,6 +363,7 @@ def build(
             f"--preferred-batch-size {options.preferred_batch_size}: between 1 and "
             f"--max-batch-size ({options.max_batch_size}), or 0 for none"
         )
+    _check_placement(options, approach)
     if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise tasks.UnsupportedModel(
             f"aggregation strategy {options.aggregation_strategy!r}: one of "
@@ -691,6 +694,29 @@ def _export_towers(
 
 #: Triton model names, as directory names: letters, digits, '_', '-', '.', not starting with '.'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+#: Where a Python pipeline's instances may run (Triton's instance_group kinds).
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+
+
+def _check_placement(options: BuildOptions, approach: str) -> None:
+    """Refuse, before writing, a placement the Python pipeline would refuse at load."""
+    kind, prec = options.instance_kind, options.precision
+    if kind not in INSTANCE_KINDS:
+        raise tasks.UnsupportedModel(
+            f"--instance-kind {kind!r}: one of {', '.join(INSTANCE_KINDS)}"
+        )
+    if prec == "fp16" and kind != "KIND_GPU":
+        raise tasks.UnsupportedModel(
+            "--precision fp16 runs on GPU instances only: add --instance-kind KIND_GPU "
+            "(and --approach python)"
+        )
+    if prec == "int8" and kind == "KIND_GPU" and approach != "ensemble":
+        raise tasks.UnsupportedModel(
+            "--precision int8 (PyTorch's dynamic int8) runs on CPU instances only: on a GPU "
+            "use --precision fp16 or bf16"
+        )
 
 
 def _check_names(options: BuildOptions) -> None:

@@ -287,6 +287,7 @@ def _build(args: argparse.Namespace) -> int:
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
         preferred_batch_size=args.preferred_batch_size,
+        instance_kind=args.instance_kind,
     )
     result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
@@ -509,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="fp32 (reference); bf16: python approach; int8: both approaches; "
         "fp16: GPU, python approach. Non-fp32 variants must pass the accuracy gate",
+    )
+    bu.add_argument(
+        "--instance-kind",
+        choices=["KIND_CPU", "KIND_GPU"],
+        default="KIND_CPU",
+        help="where the Python pipeline runs (default: %(default)s); KIND_GPU moves the model "
+        "to the instance's GPU (fp16 needs it). The ensemble's ONNX step stays KIND_CPU",
     )
     bu.add_argument("--no-export", action="store_true", help="skip model.onnx")
     bu.add_argument("--serve", action="store_true", help="serve the result right away")

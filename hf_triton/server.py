@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import logging
 import os
@@ -51,15 +52,16 @@ class TritonDistribution:
     @classmethod
     def locate(cls) -> TritonDistribution:
         """Find the server in the installed ``nvidia-pytriton`` wheel."""
-        try:
-            import pytriton
-        except ImportError as e:
+        # Found, not imported: pytriton's own client (zmq, its numpy pin) is not needed to run
+        # the server binary, and importing it costs start-up time.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
             raise ServerError(
                 "The Triton server binary comes from the 'nvidia-pytriton' wheel, which is "
                 "not installed in this environment. Run ./run_server.sh (it creates .venv) "
                 "or `pip install -e .`."
-            ) from e
-        root = Path(pytriton.__file__).parent / "tritonserver"
+            )
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         dist = cls(
             server=root / "bin" / "tritonserver",
@@ -78,6 +80,18 @@ class TritonDistribution:
         log.debug("Triton server: %s", dist.server)
         return dist
 
+    def library_path(self, user: str | None = None) -> str:
+        """``LD_LIBRARY_PATH`` for the server and its stubs: the wheel's libraries, the user's
+        path, then this interpreter's own library directory when it holds its shared libpython
+        (e.g. a uv- or pyenv-built Python outside the system's library path)."""
+        own = sysconfig.get_config_var("LIBDIR") or ""
+        soname = sysconfig.get_config_var("INSTSONAME") or ""
+        user = os.environ.get("LD_LIBRARY_PATH", "") if user is None else user
+        parts = [str(self.libs), user]
+        if own and soname and Path(own, soname).exists():
+            parts.append(own)
+        return os.pathsep.join(p for p in parts if p)
+
     def check_libpython(self) -> None:
         """Fail plainly when the stub would load a different libpython than this interpreter.
 
@@ -85,7 +99,7 @@ class TritonDistribution:
         another build of the same minor version (e.g. pyenv) loads numpy but breaks
         on ``ssl`` inside the model with ``undefined symbol`` errors.
         """
-        env = dict(os.environ, LD_LIBRARY_PATH=str(self.libs))
+        env = dict(os.environ, LD_LIBRARY_PATH=self.library_path())
         out = subprocess.run(
             ["ldd", str(self.stub)], capture_output=True, text=True, env=env, check=False
         ).stdout
@@ -281,9 +295,7 @@ class TritonServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         backends = assemble_backends(self.workdir, self.dist)
         env = {**os.environ, **self.extra_env}
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(self.dist.libs), env.get("LD_LIBRARY_PATH", "")) if p
-        )
+        env["LD_LIBRARY_PATH"] = self.dist.library_path(env.get("LD_LIBRARY_PATH", ""))
         # The stub runs `python` models with this venv's packages: its bin/ goes first.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         argv = self.config.argv(self.dist.server, backends)

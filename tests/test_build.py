@@ -4,6 +4,7 @@ tests/test_conformance.py; the text models' serving behaviour is tests/test_text
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -159,3 +160,33 @@ def test_checkpoint_path_with_quotes_stays_one_pbtxt_string(tmp_path, tiny_check
     repo = tmp_path / "out" / "python_model_repository"
     config = read_config(repo / "python_vit" / "config.pbtxt")
     assert config.parameters["checkpoint"].string_value == str(odd)
+
+
+def test_gpu_placement_is_written_and_precisions_that_cannot_run_there_are_refused(
+    tmp_path, tiny_checkpoint
+):
+    """--instance-kind KIND_GPU reaches the Python pipeline's instance_group (Triton's schema
+    parses it); fp16 off a GPU and PyTorch int8 on one are refused before anything is written."""
+    from tritonclient.grpc import model_config_pb2
+
+    from hf_triton.serve import read_config
+
+    spec = ModelSpec.resolve(tiny_checkpoint)
+    build(spec, tmp_path / "ok", "python", BuildOptions(instance_kind="KIND_GPU"), False)
+    cfg = read_config(tmp_path / "ok" / "python_model_repository" / "python_vit" / "config.pbtxt")
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    refused = {
+        "fp16 runs on GPU instances only: add --instance-kind KIND_GPU": BuildOptions(
+            precision="fp16"
+        ),
+        "int8 (PyTorch's dynamic int8) runs on CPU instances only": BuildOptions(
+            precision="int8", instance_kind="KIND_GPU"
+        ),
+        "--instance-kind 'KIND_TPU': one of KIND_CPU, KIND_GPU": BuildOptions(
+            instance_kind="KIND_TPU"
+        ),
+    }
+    for message, options in refused.items():
+        with pytest.raises(tasks.UnsupportedModel, match=re.escape(message)):
+            build(spec, tmp_path / "no", "python", options, False)
+        assert not (tmp_path / "no").exists()

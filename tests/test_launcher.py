@@ -234,3 +234,37 @@ def test_serving_never_writes_into_the_source_repositories(tmp_path, tiny_checkp
     assert (deployment.repositories[1] / "vit" / "1" / "model.onnx").exists()
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "work" not in p.parts)
     assert after == before
+
+
+@pytest.mark.skipif(
+    __import__("shutil").which("nvidia-smi") is not None, reason="this machine has a GPU"
+)
+def test_gpu_build_on_a_machine_without_gpu_is_refused_by_name(tmp_path, tiny_checkpoint):
+    """`build --instance-kind KIND_GPU` served where there is no GPU: the launcher names the
+    model and Triton's reason instead of serving it on the CPU."""
+    out = tmp_path / "gpu"
+    built = run_cli(
+        "build", "--model", str(tiny_checkpoint), "--approach", "python", "--no-export",
+        "--instance-kind", "KIND_GPU", "--out", str(out),
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    repo = str(out / "python_model_repository")
+    run = run_cli(*_serve_args(tmp_path, "--model-repository", repo), timeout=180)
+    assert run.returncode == 1
+    assert "python_vit: " in run.stderr and "has kind KIND_GPU but no GPUs are available" in (
+        run.stderr
+    )
+
+
+def test_library_path_keeps_the_users_and_finds_the_interpreters_libpython(monkeypatch):
+    import sysconfig
+    from pathlib import Path
+
+    dist = TritonDistribution.locate()
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/mine")
+    parts = dist.library_path().split(":")
+    assert parts[:2] == [str(dist.libs), "/opt/mine"]
+    own = Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+    assert (sysconfig.get_config_var("LIBDIR") in parts) == own.exists()
+    assert dist.library_path("").split(":")[1] != "/opt/mine"
+    dist.check_libpython()  # the user's path does not hide the stub's libpython

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Everything this project checks on an NVIDIA GPU, in one run of ~8 minutes, from the
+# repository root of a machine that has CUDA PyTorch and transformers but maybe no network
+# and no Triton (e.g. a lent H100/H200). Make its inputs first, where pip works:
+#   scripts/gpu_pack.sh            # -> .gpu/ (the server, tritonclient, numpy 1.26; ~52 MB)
+# then, on the GPU machine:
+#   OUT=gpu-out scripts/gpu_check.sh
+# Steps (each logs to $OUT; a failed step does not stop the next):
+#   1. the machine: GPU, Python, libraries, the libpython the Python-backend stub needs
+#   2. install .gpu/ into a private directory (PYTHONPATH; nothing else is touched)
+#   3. tests/test_gpu.py through the real server (KIND_GPU vision and text, fp32 and fp16,
+#      against the CPU); where the stub cannot start, scripts/gpu_harness.py instead
+#   4. bare PyTorch fp32/fp16, ViT-base and MiniLM's architecture, batch 1/8/32/64
+#   5. served ViT-base (stand-in) python_vit fp16 on the GPU, concurrency 1/8/32, with
+#      `hf-triton bench` (bare PyTorch fp16 on the same GPU for the serving tax)
+# Results: $OUT/gpu_check.log (everything), test_gpu.txt, bare.json, bench.json, bench.txt,
+# logs.tgz (server logs). Exit status: the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-540}  # stop starting steps after this; each step also has its own limit
+WORK=${WORK:-/tmp/hf_triton_gpu}
+SITE=$WORK/site
+rm -rf "$WORK" && mkdir -p "$WORK/logs" "$SITE"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+failed=0
+step() { echo; echo "== [$(date +%T), ${SECONDS}s] $*"; }
+left() { local l=$((BUDGET_S - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+run() {  # run LIMIT_S CMD...: a step with a time limit; counts failures
+  local limit; limit=$(left "$1"); shift
+  if [ "$limit" -le 10 ]; then echo "skipped: out of time"; failed=$((failed + 1)); return 1; fi
+  timeout -k 10 "$limit" "$@"; local rc=$?
+  [ $rc -ne 0 ] && { echo "-> exit $rc"; failed=$((failed + 1)); }
+  return $rc
+}
+
+step "1. the machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+lscpu | grep -E "Model name|^CPU\(s\)" || true
+"$PY" - <<'EOF'
+import sys, sysconfig, torch, transformers, numpy
+print("python", sys.version.split()[0], sys.executable, "base", sys.base_prefix)
+print("libpython:", sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME"))
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+print("transformers", transformers.__version__, "numpy (machine's)", numpy.__version__)
+EOF
+ls -l /usr/lib/x86_64-linux-gnu/libpython3* 2>/dev/null || echo "no libpython3 in /usr/lib/x86_64-linux-gnu"
+
+step "2. install .gpu/ into $SITE"
+if [ ! -f .gpu/site.tar.xz ]; then
+  echo ".gpu/site.tar.xz missing: run scripts/gpu_pack.sh where pip works, and carry .gpu"
+  exit 99
+fi
+tar -C "$SITE" -xJf .gpu/site.tar.xz &&
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/*.whl ||
+  failed=$((failed + 1))
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+"$PY" -c "import numpy, tritonclient.http, tritonclient.grpc; print('numpy now', numpy.__version__)"
+STUB_OK=0
+"$PY" -c "from hf_triton.server import TritonDistribution as D; D.locate().check_libpython()" &&
+  STUB_OK=1
+echo "Python-backend stub can start here: $STUB_OK"
+
+step "3. KIND_GPU models against the CPU"
+if [ "$STUB_OK" = 1 ]; then
+  run 240 "$PY" -m pytest tests/test_gpu.py -v -p no:cacheprovider -m gpu \
+    --basetemp "$WORK/pytest" 2>&1 | tee "$OUT/test_gpu.txt"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$((failed + 1))
+else
+  echo "the real server cannot run here (above): driving model.py as the stub does instead"
+  "$PY" - "$WORK/harness" <<'EOF'
+import shutil, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from conftest import PHOTO, TINY_VIT
+from hf_triton.checkpoints import build_vit_checkpoint
+from hf_triton.families import FAMILIES
+root = Path(sys.argv[1]); root.mkdir(parents=True)
+build_vit_checkpoint(root / "tiny-vit", seed=0, **TINY_VIT)
+FAMILIES["bert"].make(root / "bert", "text-feature-extraction")
+shutil.copyfile(PHOTO, root / "photo.jpg")
+EOF
+  for spec in "vit32 tiny-vit KIND_GPU fp32" "vit16 tiny-vit KIND_GPU fp16" \
+    "txt32 bert KIND_GPU fp32" "txt16 bert KIND_GPU fp16" "txtcpu bert KIND_CPU fp32"; do
+    set -- $spec
+    "$PY" -m hf_triton.cli build --model "$WORK/harness/$2" --approach python --no-export \
+      --name "$1" --instance-kind "$3" --precision "$4" --out "$WORK/harness/$1" | tail -2
+  done
+  run 180 "$PY" scripts/gpu_harness.py "$WORK/harness" 2>&1 | tee "$OUT/test_gpu.txt"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$((failed + 1))
+fi
+
+step "4. bare PyTorch on the GPU"
+run 150 "$PY" scripts/gpu_bare.py --out "$OUT/bare.json" --workdir "$WORK/bare"
+
+step "5. served ViT-base python_vit fp16 on the GPU, hf-triton bench"
+if [ "$STUB_OK" = 1 ]; then
+  run 120 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
+    --approach python --no-export --name vit_fp16 --precision fp16 --instance-kind KIND_GPU \
+    --max-batch-size 32 --max-queue-delay-us 1000 --out "$WORK/served" --workdir "$WORK/hf" |
+    tail -3
+  run 240 "$PY" -m hf_triton.cli bench --workdir "$WORK/hf" \
+    --model-repository "$WORK/served/python_model_repository" --models python_vit_fp16 \
+    --formats uint8 --concurrency 1,8,32 --tax-rounds 2 --window-s 1.5 --warmup-s 1 \
+    --max-windows 3 --out "$WORK/bench" &&
+    cp "$WORK/bench/results.json" "$OUT/bench.json"
+  cp "$WORK/bench/report.txt" "$OUT/bench.txt" 2>/dev/null || true
+else
+  echo "skipped: the real server cannot run here"
+fi
+
+step "done: $failed failed step(s) in ${SECONDS}s"
+find "$WORK" -name "*.log" -o -name "launcher.out" | tar -czf "$OUT/logs.tgz" -T - 2>/dev/null
+exit "$failed"
