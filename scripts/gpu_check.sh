@@ -58,7 +58,11 @@ fi
 tar -C "$SITE" -xJf .gpu/site.tar.xz &&
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/*.whl ||
   failed=$((failed + 1))
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The machine's own packages (torch, transformers) named too: the Python-backend stubs get
+# this path whatever prefix their embedded interpreter computes.
+OWN=$("$PY" -c 'import site; print(":".join(site.getsitepackages()))')
+export PYTHONPATH="$SITE:$PWD:$OWN${PYTHONPATH:+:$PYTHONPATH}"
+echo "PYTHONPATH=$PYTHONPATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PY" -c "import numpy, tritonclient.http, tritonclient.grpc; print('numpy now', numpy.__version__)"
 STUB_OK=0

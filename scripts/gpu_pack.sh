@@ -3,7 +3,8 @@
 # the Triton server of the nvidia-pytriton wheel (its Python 3.12 stub only, ~27 MB as xz),
 # tritonclient (pure Python), the compiled wheels its HTTP client needs for Python 3.12, and
 # numpy 1.26: Triton 2.51's Python-backend stub (pybind11 2.10) breaks on numpy 2 (a known
-# issue of that release; the wheel pins numpy<2 for it), and such machines ship numpy 2.
+# issue of that release; the wheel pins numpy<2 for it), and such machines ship numpy 2
+# (with it ml_dtypes 0.5, which tritonclient imports and which still takes numpy 1.26).
 # Output: .gpu/ (git-ignored), ~52 MB: it travels with the repository (64 MiB in all).
 #
 #   scripts/gpu_pack.sh [PYVER]      # PYVER: the GPU machine's Python, default 3.12
@@ -25,7 +26,7 @@ echo "== downloading nvidia-pytriton 0.7.0 and the HTTP client's wheels for Pyth
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
   --implementation cp "${plat[@]}" -d "$OUT" \
   python-rapidjson geventhttpclient gevent greenlet zope.event zope.interface brotli \
-  numpy==1.26.4
+  numpy==1.26.4 ml_dtypes==0.5.1
 echo "== trimming the server to the Python $PYVER stub"
 mkdir -p "$WORK/site"
 (cd "$WORK/site" && unzip -q "$WORK"/dl/nvidia_pytriton-*.whl)
