@@ -285,6 +285,15 @@ class Target:
         return [f for f in own if f in wanted]
 
 
+def instance_device(config: dict[str, Any]) -> str:
+    """Where a Python pipeline's first instance runs, from its served config: "cpu", or
+    "cuda:N" for KIND_GPU (Triton lists the GPUs it placed the group on)."""
+    group = (config.get("instance_group") or [{}])[0]
+    if group.get("kind") != "KIND_GPU":
+        return "cpu"
+    return f"cuda:{(group.get('gpus') or [0])[0]}"
+
+
 def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None]) -> list[Target]:
     """The targets of ``models`` from the server's own configs (any task, any precision).
 
@@ -317,10 +326,7 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
             prec = params.get("precision", "fp32") if not steps else _onnx_precision(onnx)
             outputs = {o["name"] for o in config.get("output", [])}
             tower = next((side for side, name in EMBEDDINGS.items() if name in outputs), None)
-            group = (python.get("instance_group") or [{}])[0]
-            device = "cpu"
-            if not steps and group.get("kind") == "KIND_GPU":
-                device = f"cuda:{(group.get('gpus') or [0])[0]}"
+            device = instance_device(python) if not steps else "cpu"
             targets.append(
                 Target(
                     model,

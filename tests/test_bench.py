@@ -29,6 +29,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("bench", *QUICK, "--tax-rounds", "1", *args, timeout=300, env=env)
 
 
+def test_bare_runs_where_the_served_instance_runs():
+    """A KIND_GPU pipeline is measured against PyTorch on the GPU Triton placed it on (Triton's
+    served config lists it), everything else on the CPU."""
+    assert bench.instance_device({"instance_group": [{"kind": "KIND_CPU", "count": 1}]}) == "cpu"
+    assert bench.instance_device({}) == "cpu"
+    gpu = {"instance_group": [{"kind": "KIND_GPU", "count": 1, "gpus": [1]}]}
+    assert bench.instance_device(gpu) == "cuda:1"
+    assert bench.instance_device({"instance_group": [{"kind": "KIND_GPU"}]}) == "cuda:0"
+
+
 def test_benchmark_smoke(server, tmp_path):
     """Every entry model of a running server, each format, next to its bare runtime; served
     answers checked against the bare runtime's; Triton's per-step breakdown; the serving tax."""
