@@ -940,6 +940,24 @@ class BenchReport:
         return report(self.results, self.preprocessing, self.taxes)
 
 
+def _check_fits_default_repositories(name: str, path: Path) -> None:
+    """The default repositories are the tutorial's ViT pipeline: an image model only."""
+    from hf_triton.tasks import UnsupportedModel, get_task, infer_task
+
+    try:
+        task = infer_task(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, UnsupportedModel):
+        return  # the server's own load error says more than a guess here
+    if get_task(task).modality != "image":
+        raise BenchError(
+            f"--checkpoint {name} is a {task} model, but without --model-repository the "
+            "benchmark serves the tutorial's ViT repositories (an image pipeline). Build "
+            f"repositories for it: `hf-triton build --model {name} --out DIR`, then pass "
+            "--model-repository DIR/python_model_repository --model-repository "
+            "DIR/ensemble_model_repository (and no --checkpoint)."
+        )
+
+
 def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchReport:
     """Measure every entry model next to its bare runtime, in one process."""
     from hf_triton import checkpoints
@@ -967,6 +985,8 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
             ckpt = checkpoints.resolve(
                 checkpoint, options.revision, allow_standin=options.allow_standin
             )
+            if not options.repositories:
+                _check_fits_default_repositories(checkpoint, ckpt.path)
             for prec in [p for p in options.precisions if p != "fp32"]:
                 built = build_variant(
                     ckpt, prec, options.workdir / "variants", progress, settings.models

@@ -200,3 +200,17 @@ def test_benchmark_over_http(server, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [(r["name"], r["errors"]) for r in rows] == [("python_vit", 0)]
+
+
+def test_text_checkpoint_for_the_default_vit_repositories_is_refused_upfront(tmp_path):
+    """`bench --checkpoint <text model>` without repositories: a plain message naming the
+    build step, before any server starts (it used to fail at load with the image processor's
+    error)."""
+    from hf_triton.families import FAMILIES
+
+    ckpt = FAMILIES["bert"].make(tmp_path / "bert", "text-feature-extraction")
+    run = run_cli("bench", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), timeout=120)
+    assert run.returncode == 1
+    assert "is a text-feature-extraction model" in run.stderr
+    assert f"hf-triton build --model {ckpt} --out DIR" in run.stderr
+    assert not (tmp_path / "out").exists()
