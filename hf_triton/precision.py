@@ -443,17 +443,22 @@ def _torch_runners(spec: ModelSpec, precision: str) -> tuple[Runner, Runner]:
 
     variant = apply_torch(copy.deepcopy(spec.module), precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    # fp16 is served on GPUs: gated there when this machine has one (a CPU without fp16
+    # arithmetic emulates it, minutes for a ViT-base), on the CPU otherwise.
+    cuda = precision == "fp16" and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    variant = variant.to(device)
 
-    def run(module: Any, float_dtype: Any) -> Runner:
+    def run(module: Any, float_dtype: Any, on: Any) -> Runner:
         def outputs(chunk: list[Any]) -> list[np.ndarray]:
-            tensors = [torch.from_numpy(a) for a in spec.encode(chunk).values()]
+            tensors = [torch.from_numpy(a).to(on) for a in spec.encode(chunk).values()]
             tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
             with torch.inference_mode():
-                return [o.float().numpy() for o in module(*tensors)]
+                return [o.float().cpu().numpy() for o in module(*tensors)]
 
         return outputs
 
-    return run(spec.module, torch.float32), run(variant, dtype)
+    return run(spec.module, torch.float32, torch.device("cpu")), run(variant, dtype, device)
 
 
 def onnx_runners(spec: ModelSpec, fp32: Path, variant: Path) -> tuple[Runner, Runner]:
