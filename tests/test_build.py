@@ -190,3 +190,20 @@ def test_gpu_placement_is_written_and_precisions_that_cannot_run_there_are_refus
         with pytest.raises(tasks.UnsupportedModel, match=re.escape(message)):
             build(spec, tmp_path / "no", "python", options, False)
         assert not (tmp_path / "no").exists()
+
+
+def test_unbounded_queue_writes_no_queue_policy_so_triton_can_prefetch(tmp_path, tiny_checkpoint):
+    """Triton prefetches the next batch only without a queue policy (no size limit, no
+    timeout); `--max-queue-size 0` writes none (README: the late batches at saturation)."""
+    from hf_triton.serve import read_config
+
+    spec = ModelSpec.resolve(tiny_checkpoint)
+    for name, options in (("bounded", BuildOptions()), ("open", BuildOptions(max_queue_size=0))):
+        build(spec, tmp_path / name, "python", options, False)
+    path = "python_model_repository/python_vit/config.pbtxt"
+    bounded = read_config(tmp_path / "bounded" / path).dynamic_batching
+    assert bounded.default_queue_policy.max_queue_size == 16
+    assert bounded.default_queue_policy.default_timeout_microseconds == 10_000_000
+    assert not read_config(tmp_path / "open" / path).dynamic_batching.HasField(
+        "default_queue_policy"
+    )
