@@ -363,7 +363,6 @@ def build(
             f"--preferred-batch-size {options.preferred_batch_size}: between 1 and "
             f"--max-batch-size ({options.max_batch_size}), or 0 for none"
         )
-    _check_placement(options, approach)
     if options.aggregation_strategy not in AGGREGATION_STRATEGIES:
         raise tasks.UnsupportedModel(
             f"aggregation strategy {options.aggregation_strategy!r}: one of "
@@ -375,6 +374,7 @@ def build(
     approaches = ["python", "ensemble"] if approach == "both" else [approach]
     for a in approaches:
         precision.check_precision(options.precision, a)
+    _check_placement(options, approach)
     if spec.image_text:
         return _build_image_text(spec, out, approaches, options, export_onnx, result)
     labels = spec.labels
