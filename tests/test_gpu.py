@@ -1,10 +1,11 @@
 """GPU paths: KIND_GPU instances of the Python pipelines, served by the real server.
 
-Skipped without an NVIDIA GPU (this project's CI has none). Where `nvidia-smi` works run
-`./run_tests.sh -m gpu`, or `scripts/gpu_check.sh` on a lent GPU machine (it keeps this file's
-output in docs/device/). Vision and text, fp32 and fp16, built by `hf-triton build
---instance-kind KIND_GPU` as a user builds them, in one server with a CPU twin of the text
-model: each GPU answer is compared with the CPU's (fp32 within 1e-3, fp16 by cosine).
+The GPU tests (marker `gpu`) are skipped without an NVIDIA GPU; this project's CI has none.
+Where `nvidia-smi` works run `./run_tests.sh -m gpu`, or `scripts/gpu_check.sh` on a lent GPU
+machine (it runs this file and keeps its output as $OUT/test_gpu.txt). Vision and text, fp32
+and fp16, built by `hf-triton build --instance-kind KIND_GPU` as a user builds them, in one
+server with a CPU twin of the text model: each GPU answer is compared with the CPU's (fp32
+within 1e-3, fp16 by cosine).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from conftest import Launched, launch
 from helpers import infer, run_cli
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA"),
-]
+#: Marks the GPU tests; the last test here is the GPU check's CPU side and runs everywhere.
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA"
+)
 
 SENTENCES = ["A man is eating food.", "The stock market fell sharply today.", "Hi"]
 FP16_MIN_COSINE = 0.999
@@ -79,6 +80,8 @@ def _embed(url: str, model: str) -> np.ndarray:
     return client.infer(model, [tensor]).as_numpy("sentence_embedding")
 
 
+@pytest.mark.gpu
+@needs_gpu
 def test_every_gpu_instance_runs_on_cuda(gpu_server):
     log = gpu_server.launched.log()
     for name in ("python_vit32", "python_vit16", "python_txt32", "python_txt16"):
@@ -88,6 +91,8 @@ def test_every_gpu_instance_runs_on_cuda(gpu_server):
     assert cpu and all("device cpu" in line for line in cpu), cpu
 
 
+@pytest.mark.gpu
+@needs_gpu
 def test_vision_fp32_on_the_gpu_is_transformers_on_the_cpu(gpu_server, photo, reference):
     want = reference([photo])
     got = infer(gpu_server.launched.url, "python_vit32", photo[None])
@@ -95,6 +100,8 @@ def test_vision_fp32_on_the_gpu_is_transformers_on_the_cpu(gpu_server, photo, re
         np.testing.assert_allclose(got[name], value, atol=1e-3, err_msg=name)
 
 
+@pytest.mark.gpu
+@needs_gpu
 def test_vision_fp16_on_the_gpu_agrees_by_cosine(gpu_server, photo, reference):
     want = reference([photo])
     got = infer(gpu_server.launched.url, "python_vit16", photo[None])
@@ -104,9 +111,46 @@ def test_vision_fp16_on_the_gpu_agrees_by_cosine(gpu_server, photo, reference):
         assert cos.min() >= FP16_MIN_COSINE, (name, cos.min())
 
 
+@pytest.mark.gpu
+@needs_gpu
 def test_text_on_the_gpu_agrees_with_the_cpu_instance(gpu_server):
     url = gpu_server.launched.url
     cpu = _embed(url, "python_txtcpu")
     np.testing.assert_allclose(_embed(url, "python_txt32"), cpu, atol=1e-3)
     cos = _cosines(_embed(url, "python_txt16"), cpu)
     assert cos.min() >= FP16_MIN_COSINE, cos
+
+
+def test_gpu_harness_drives_model_py_as_the_stub_does_cpu_side(tmp_path, tiny_checkpoint, photo):
+    """scripts/gpu_harness.py, the GPU check's fallback where the stub cannot start, kept
+    working here: the same five models on CPU instances (bf16 standing in for fp16)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from hf_triton.build import BuildOptions, build
+    from hf_triton.families import FAMILIES
+    from hf_triton.serve import PROJECT_ROOT
+    from hf_triton.spec import ModelSpec
+
+    text = FAMILIES["bert"].make(tmp_path / "bert", "text-feature-extraction")
+    Image.fromarray(photo.astype(np.uint8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "tiny-vit").symlink_to(tiny_checkpoint)
+    for name, ckpt, prec in (
+        ("vit32", tiny_checkpoint, "fp32"),
+        ("vit16", tiny_checkpoint, "bf16"),
+        ("txt32", text, "fp32"),
+        ("txt16", text, "bf16"),
+        ("txtcpu", text, "fp32"),
+    ):
+        options = BuildOptions(name=name, precision=prec)
+        build(ModelSpec.resolve(ckpt), tmp_path / name, "python", options, False)
+    run = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_harness.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sum(line.startswith("ok ") for line in run.stdout.splitlines()) == 6, run.stdout
