@@ -206,11 +206,14 @@ def test_text_checkpoint_for_the_default_vit_repositories_is_refused_upfront(tmp
     """`bench --checkpoint <text model>` without repositories: a plain message naming the
     build step, before any server starts (it used to fail at load with the image processor's
     error)."""
+    import pytest
+
     from hf_triton.families import FAMILIES
 
     ckpt = FAMILIES["bert"].make(tmp_path / "bert", "text-feature-extraction")
-    run = run_cli("bench", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), timeout=120)
-    assert run.returncode == 1
-    assert "is a text-feature-extraction model" in run.stderr
-    assert f"hf-triton build --model {ckpt} --out DIR" in run.stderr
-    assert not (tmp_path / "out").exists()
+    workdir = tmp_path / "work"
+    with pytest.raises(bench.BenchError) as err:
+        bench.run(bench.BenchRun(checkpoint=str(ckpt), workdir=workdir))
+    assert "is a text-feature-extraction model" in str(err.value)
+    assert f"hf-triton build --model {ckpt} --out DIR" in str(err.value)
+    assert not workdir.exists()  # nothing staged, no server
