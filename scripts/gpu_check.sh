@@ -120,4 +120,6 @@ fi
 
 step "done: $failed failed step(s) in ${SECONDS}s"
 find "$WORK" -name "*.log" -o -name "launcher.out" | tar -czf "$OUT/logs.tgz" -T - 2>/dev/null
+exec >&- 2>&-  # let tee write the log's last lines before $OUT is collected
+sleep 1
 exit "$failed"
