@@ -111,6 +111,9 @@ class Result:
     check: str = ""  # served: its answer against the bare runtime's
     #: served at concurrency 1: model -> {queue, input, infer, output} ms per request
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: served: CPU cores the load generator (this process) kept busy meanwhile -- on a small
+    #: machine it competes with the server for the cores bare runs have to themselves
+    client_cores: float = 0.0
 
     @property
     def served(self) -> bool:
@@ -503,11 +506,14 @@ async def bench_served(
             tensor.set_data_from_numpy(data)
             await client.infer(target.model, [tensor])
 
+        cpu, wall = time.process_time(), time.perf_counter()
         windows, lat, errors, stable = await measure(call, conc, settings)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     finally:
         await client.close()
     result = _result(target.model, fmt, conc, windows, lat, errors, payload_bytes(data), stable)
     result.precision, result.unit = target.precision, target.unit
+    result.client_cores = cpu / wall if wall > 0 else 0.0
     return result
 
 
@@ -752,6 +758,17 @@ def report(
             for model, steps in r.breakdown.items():
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
                 lines.append(f"  {r.name:<24} {r.input_format:<6} {model:<22} {parts}")
+    loaded = [r for r in results if r.served and r.client_cores > 0]
+    if loaded:
+        lines.append("")
+        lines.append(
+            f"Load generator (this process), CPU cores busy while serving, of "
+            f"{os.cpu_count()} here (bare runs have the cores to themselves):"
+        )
+        for r in loaded:
+            lines.append(
+                f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {r.client_cores:.2f}"
+            )
     variants = sorted({(r.name, r.precision) for r in results if r.precision != "fp32"})
     fp32_ort = best([r for r in results if r.precision == "fp32"], "bare-onnxruntime")
     if variants and fp32_ort:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from hf_triton import bench
@@ -69,6 +70,9 @@ def test_benchmark_smoke(server, tmp_path):
     assert ("bare-onnxruntime", "pixel_values", 2) in rows
     assert ("bare-pytorch", "pixel_values", 1) in rows
     assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
+    served = [r for r in data["results"] if not r["name"].startswith("bare")]
+    assert all(0 < r["client_cores"] <= os.cpu_count() for r in served)  # the client's CPU
+    assert "Load generator (this process), CPU cores busy while serving" in run.stdout
     assert {t["model"] for t in data["taxes"]} == {"python_vit", "ensemble_model"}
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert (tmp_path / "results.csv").read_text().startswith("name,")
