@@ -111,6 +111,8 @@ class Result:
     check: str = ""  # served: its answer against the bare runtime's
     #: served at concurrency 1: model -> {queue, input, infer, output} ms per request
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: served: model -> requests per execution Triton ran while this was measured
+    batch_sizes: dict[str, float] = field(default_factory=dict)
     #: served: CPU cores the load generator (this process) kept busy meanwhile -- on a small
     #: machine it competes with the server for the cores bare runs have to themselves
     client_cores: float = 0.0
@@ -621,9 +623,12 @@ def _statistics(http_url: str, models: list[str]) -> dict[str, dict[str, int]]:
     try:
         out = {}
         for model in models:
-            stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+            model_stats = client.get_inference_statistics(model)["model_stats"][0]
+            stats = model_stats["inference_stats"]
             out[model] = {k: int(stats[k]["ns"]) for k in _STEPS} | {
-                "count": int(stats["success"]["count"])
+                "count": int(stats["success"]["count"]),
+                "inferences": int(model_stats.get("inference_count", 0)),
+                "executions": int(model_stats.get("execution_count", 0)),
             }
         return out
     finally:
@@ -647,6 +652,17 @@ def breakdown(before: dict, after: dict, requests: int) -> dict[str, dict[str, f
         }
         for model in after
     }
+
+
+def batch_sizes(before: dict, after: dict) -> dict[str, float]:
+    """Requests per execution each model ran meanwhile (Triton's inference ÷ execution counts):
+    the batches the server formed, to set beside the bare batch."""
+    out = {}
+    for model in after:
+        runs = after[model]["executions"] - before[model]["executions"]
+        if runs > 0:
+            out[model] = (after[model]["inferences"] - before[model]["inferences"]) / runs
+    return out
 
 
 # -- preprocessing ------------------------------------------------------------------------
@@ -758,6 +774,13 @@ def report(
             for model, steps in r.breakdown.items():
                 parts = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
                 lines.append(f"  {r.name:<24} {r.input_format:<6} {model:<22} {parts}")
+    batched = [r for r in results if r.batch_sizes and r.concurrency > 1]
+    if batched:
+        lines.append("")
+        lines.append("Requests per batch Triton ran, per step (its statistics; bare: the batch):")
+        for r in batched:
+            sizes = ", ".join(f"{m} {n:.1f}" for m, n in r.batch_sizes.items())
+            lines.append(f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {sizes}")
     loaded = [r for r in results if r.served and r.client_cores > 0]
     if loaded:
         lines.append("")
@@ -1104,12 +1127,13 @@ def _measure_targets(
                 progress(f"{target.model} {fmt}: answer {check}")
             for conc in settings.concurrency:
                 progress(f"{target.model} {fmt} concurrency {conc}")
-                before = _statistics(http_url, target.steps) if conc == 1 else None
+                before = _statistics(http_url, target.steps)
                 result = asyncio.run(bench_served(url, target, fmt, conc, examples[0], settings))
-                if before is not None:
-                    after = _statistics(http_url, target.steps)
+                after = _statistics(http_url, target.steps)
+                if conc == 1:
                     done = after[target.steps[-1]]["count"] - before[target.steps[-1]]["count"]
                     result.breakdown = breakdown(before, after, done)
+                result.batch_sizes = batch_sizes(before, after)
                 result.check, result.tokens_per_item = check, tokens
                 results.append(result)
                 progress(_line(results[-1]))

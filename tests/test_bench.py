@@ -67,12 +67,15 @@ def test_benchmark_smoke(server, tmp_path):
         steps = rows[(model, "uint8", 1)]["breakdown"]
         expected = {"python_vit"} if model == "python_vit" else {"preprocessing", "vit"}
         assert set(steps) == expected and all(s["infer"] > 0 for s in steps.values()), steps
+        sizes = rows[(model, "uint8", 2)]["batch_sizes"]  # requests per execution, 1..2
+        assert set(sizes) == expected and all(1 <= n <= 2 for n in sizes.values()), sizes
     assert ("bare-onnxruntime", "pixel_values", 2) in rows
     assert ("bare-pytorch", "pixel_values", 1) in rows
     assert all(r["errors"] == 0 and r["throughput"] > 0 for r in data["results"])
     served = [r for r in data["results"] if not r["name"].startswith("bare")]
     assert all(0 < r["client_cores"] <= os.cpu_count() for r in served)  # the client's CPU
     assert "Load generator (this process), CPU cores busy while serving" in run.stdout
+    assert "Requests per batch Triton ran, per step" in run.stdout
     assert {t["model"] for t in data["taxes"]} == {"python_vit", "ensemble_model"}
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert (tmp_path / "results.csv").read_text().startswith("name,")
