@@ -84,12 +84,11 @@ class TritonDistribution:
         """``LD_LIBRARY_PATH`` for the server and its stubs: the wheel's libraries, the user's
         path, then this interpreter's own library directory when it holds its shared libpython
         (e.g. a uv- or pyenv-built Python outside the system's library path)."""
-        own = sysconfig.get_config_var("LIBDIR") or ""
-        soname = sysconfig.get_config_var("INSTSONAME") or ""
         user = os.environ.get("LD_LIBRARY_PATH", "") if user is None else user
         parts = [str(self.libs), user]
-        if own and soname and Path(own, soname).exists():
-            parts.append(own)
+        own = _own_libpython()
+        if own is not None and own.exists():
+            parts.append(str(own.parent))
         return os.pathsep.join(p for p in parts if p)
 
     def check_libpython(self) -> None:
@@ -115,9 +114,8 @@ class TritonDistribution:
         if not match or match.group(2) == "not":
             raise ServerError(f"The Python-backend stub needs {soname}, which was not found. {fix}")
         stub_lib = Path(match.group(2)).resolve()
-        libdir = sysconfig.get_config_var("LIBDIR") or ""
-        soname_here = sysconfig.get_config_var("INSTSONAME") or ""
-        own_lib = Path(libdir, soname_here).resolve() if libdir and soname_here else None
+        own = _own_libpython()
+        own_lib = own.resolve() if own is not None else None
         if own_lib is None or not own_lib.exists() or own_lib != stub_lib:
             raise ServerError(
                 f"libpython mismatch: this interpreter is {sys.executable} "
@@ -125,6 +123,13 @@ class TritonDistribution:
                 f"but the Triton Python-backend stub loads {stub_lib}. Models importing "
                 f"transformers would fail with 'undefined symbol'. {fix}"
             )
+
+
+def _own_libpython() -> Path | None:
+    """Where this interpreter's shared libpython would be (LIBDIR/INSTSONAME), if it names one."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    soname = sysconfig.get_config_var("INSTSONAME") or ""
+    return Path(libdir, soname) if libdir and soname else None
 
 
 def free_port() -> int:

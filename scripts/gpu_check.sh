@@ -77,24 +77,6 @@ if [ "$STUB_OK" = 1 ]; then
   [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$((failed + 1))
 else
   echo "the real server cannot run here (above): driving model.py as the stub does instead"
-  "$PY" - "$WORK/harness" <<'EOF'
-import shutil, sys
-from pathlib import Path
-sys.path.insert(0, "tests")
-from conftest import PHOTO, TINY_VIT
-from hf_triton.checkpoints import build_vit_checkpoint
-from hf_triton.families import FAMILIES
-root = Path(sys.argv[1]); root.mkdir(parents=True)
-build_vit_checkpoint(root / "tiny-vit", seed=0, **TINY_VIT)
-FAMILIES["bert"].make(root / "bert", "text-feature-extraction")
-shutil.copyfile(PHOTO, root / "photo.jpg")
-EOF
-  for spec in "vit32 tiny-vit KIND_GPU fp32" "vit16 tiny-vit KIND_GPU fp16" \
-    "txt32 bert KIND_GPU fp32" "txt16 bert KIND_GPU fp16" "txtcpu bert KIND_CPU fp32"; do
-    set -- $spec
-    "$PY" -m hf_triton.cli build --model "$WORK/harness/$2" --approach python --no-export \
-      --name "$1" --instance-kind "$3" --precision "$4" --out "$WORK/harness/$1" | tail -2
-  done
   run 180 "$PY" scripts/gpu_harness.py "$WORK/harness" 2>&1 | tee "$OUT/test_gpu.txt"
   [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$((failed + 1))
 fi

@@ -4,7 +4,8 @@ it -- ``initialize(args)`` with the instance's kind and device, then ``execute(r
 with a minimal stand-in for ``triton_python_backend_utils``. Same repositories and the same
 comparisons as tests/test_gpu.py; prints one line per check and exits 1 if one fails.
 
-    python scripts/gpu_harness.py ROOT   # ROOT: where gpu_check.sh built vit32, vit16, ...
+    python scripts/gpu_harness.py ROOT [--cpu]   # builds its inputs under ROOT first (--cpu:
+                                                 # CPU instances, bf16 for fp16: a self-check)
 """
 
 from __future__ import annotations
@@ -107,6 +108,36 @@ def _cos(a, b) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
+def prepare(root: Path, cpu: bool = False) -> None:
+    """The checkpoints, photo and five repositories the checks use, built as a user builds
+    them (``cpu``: KIND_CPU instances, bf16 standing in for fp16, to check the harness itself
+    on a machine without a GPU)."""
+    import shutil
+
+    from hf_triton.build import BuildOptions, build
+    from hf_triton.checkpoints import build_vit_checkpoint
+    from hf_triton.families import FAMILIES
+    from hf_triton.spec import ModelSpec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import PHOTO, TINY_VIT
+
+    root.mkdir(parents=True, exist_ok=True)
+    vit = build_vit_checkpoint(root / "tiny-vit", seed=0, **TINY_VIT)
+    text = FAMILIES["bert"].make(root / "bert", "text-feature-extraction")
+    shutil.copyfile(PHOTO, root / "photo.jpg")
+    kind, half = ("KIND_CPU", "bf16") if cpu else ("KIND_GPU", "fp16")
+    for name, ckpt, prec, where in (
+        ("vit32", vit, "fp32", kind),
+        ("vit16", vit, half, kind),
+        ("txt32", text, "fp32", kind),
+        ("txt16", text, half, kind),
+        ("txtcpu", text, "fp32", "KIND_CPU"),
+    ):
+        options = BuildOptions(name=name, precision=prec, instance_kind=where)
+        build(ModelSpec.resolve(ckpt), root / name, "python", options, False)
+
+
 def main(root: Path) -> int:
     sys.modules["triton_python_backend_utils"] = _pb_utils()
     import torch
@@ -152,4 +183,7 @@ def main(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(Path(sys.argv[1])))
+    args = [a for a in sys.argv[1:] if a != "--cpu"]
+    if not (Path(args[0]) / "txtcpu").exists():
+        prepare(Path(args[0]), cpu="--cpu" in sys.argv)
+    raise SystemExit(main(Path(args[0])))
