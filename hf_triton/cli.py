@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--quick",
         action="store_true",
-        help="classification for one family per kind of head only (what the tests run)",
+        help="what the tests run: classification for one family per kind of head, most "
+        "families' features through the ensemble only, no detection",
     )
     co.set_defaults(func=_conformance)
     ins = sub.add_parser("inspect", help="inputs/outputs of model.onnx or of a served model")

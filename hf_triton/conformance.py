@@ -241,6 +241,9 @@ class Case:
     reference: str
     checkpoint: Path | None = None
     refused: str = ""
+    #: Which approaches are built, served and judged (``--quick`` serves some features by
+    #: the ensemble alone: see :data:`QUICK_PYTHON_FEATURES`).
+    approaches: tuple[str, ...] = APPROACHES
 
 
 def _sentence_transformer(base: Path, out: Path, modes: Any, dense: int = 0, norm: bool = True):
@@ -283,6 +286,18 @@ QUICK_TOKEN_CLASSIFICATION = ("modernbert",)
 #: ``--quick`` zero-shot: CLIP (softmax, byte-level BPE with a mask). SigLIP's (sigmoid, text
 #: padded to 64 without a mask) runs in the test suite's own text server.
 QUICK_ZERO_SHOT = ("clip",)
+#: ``--quick`` object detection: none. RT-DETR, the one detector family, is served both ways in
+#: the test suite's own text server and judged by the same pipeline there
+#: (tests/test_object_detection.py: every image in one request, thresholds, top_k).
+QUICK_DETECTION: tuple[str, ...] = ()
+#: ``--quick`` features served by both approaches; every other family's features by the
+#: ensemble alone. The ensemble is where a family differs (its ONNX export, and the same
+#: processor or tokenizer code as the Python pipeline, in the preprocessing step); the Python
+#: pipeline runs the reference's own ``AutoModel`` behind that shared code. It stays on for
+#: the tutorial's family, CLIP's towers, the pooling variants, all-MiniLM-L6-v2 and every
+#: head (classification, NER, zero-shot), where it has code of its own. Each stub imports
+#: torch and transformers (~6 s of CPU here), so this keeps CI within its time.
+QUICK_PYTHON_FEATURES = ("vit", "clip")
 #: Zero-shot: the labels scored for every image (one with accents and an emoji, one long: the
 #: pipeline fails on a CLIP text over 77 tokens, which the server truncates) and the hypothesis
 #: templates (the pipeline's default, and one passed as a request parameter).
@@ -301,26 +316,36 @@ DETECTION_ATOL = 1e-3
 DETECTION_BOX_PX = 1
 
 
+def quick_families(task: str) -> tuple[str, ...] | list[str]:
+    """The families ``--quick`` serves ``task`` for (features: every family)."""
+    special = {
+        "token-classification": QUICK_TOKEN_CLASSIFICATION,
+        "zero-shot-image-classification": QUICK_ZERO_SHOT,
+        "object-detection": QUICK_DETECTION,
+    }
+    if task in special:
+        return special[task]
+    return QUICK_CLASSIFICATION if task.endswith("classification") else list(families.FAMILIES)
+
+
 def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
-    """Every family x task (``quick``: see :data:`QUICK_CLASSIFICATION`), the pooling
-    variants, and all-MiniLM-L6-v2; ``selected`` families only, when given."""
+    """Every family x task, the pooling variants, and all-MiniLM-L6-v2, both approaches;
+    ``selected`` families only, when given. ``quick``: the subset the test suite runs
+    (:func:`quick_families`, :data:`QUICK_PYTHON_FEATURES`)."""
     out: list[Case] = []
     for family in families.FAMILIES.values():
         if selected and family.name not in selected:
             continue
         for task in family.tasks:
-            quick_set = {
-                "token-classification": QUICK_TOKEN_CLASSIFICATION,
-                "zero-shot-image-classification": QUICK_ZERO_SHOT,
-            }.get(task, QUICK_CLASSIFICATION)
-            if quick and task.endswith("classification") and family.name not in quick_set:
+            if quick and family.name not in quick_families(task):
                 continue
+            features = task.endswith("feature-extraction")
             short = family.name.replace("-", "")
             kind = {
                 "token-classification": "ner",
                 "object-detection": "det",
                 "zero-shot-image-classification": "zs",
-            }.get(task, "fe" if task.endswith("feature-extraction") else "cls")
+            }.get(task, "fe" if features else "cls")
             stem = f"{short}_{kind}"
 
             def make(root: Path, family=family, task=task) -> Path:
@@ -338,7 +363,9 @@ def cases(selected: list[str] | None = None, quick: bool = False) -> list[Case]:
                 "object-detection": "pipeline('object-detection')",
                 "zero-shot-image-classification": "pipeline('zero-shot-image-classification')",
             }[task]
-            out.append(Case(family.name, task, stem, make, reference))
+            both = not quick or not features or family.name in QUICK_PYTHON_FEATURES
+            approaches = APPROACHES if both else ("ensemble",)
+            out.append(Case(family.name, task, stem, make, reference, approaches=approaches))
     if not selected or "bert" in selected:
         bert = families.FAMILIES["bert"]
 
@@ -407,7 +434,9 @@ def _build(case: Case, root: Path) -> list[Path]:
         ensemble_name=f"ensemble_{case.name}",
     )
     try:
-        return build.build(spec, root / "repos" / case.name, options=options).repositories
+        approach = "both" if case.approaches == APPROACHES else case.approaches[0]
+        out = root / "repos" / case.name
+        return build.build(spec, out, approach=approach, options=options).repositories
     except UnsupportedModel as e:
         case.refused = str(e)
         return []
@@ -446,7 +475,7 @@ def _check_image_features(case: Case, url: str, images: dict[str, bytes]) -> lis
     want = {n: v.numpy() for n, v in out.items() if v is not None}
     blobs = np.array([[b] for b in images.values()], dtype=object)
     rows = []
-    for approach in APPROACHES:
+    for approach in case.approaches:
         got = _infer(url, f"{approach}_{case.name}", "image_bytes", "BYTES", blobs)
         row = judge_features(got, want, ATOL[approach])
         rows.append(_label(row, case, approach, f"{len(images)} images"))
@@ -510,7 +539,7 @@ def _check_classification(case: Case, url: str, images: dict[str, bytes]) -> lis
         want = pipe(inputs, top_k=None, truncation=True, max_length=max_length)
     labels = [pipe.model.config.id2label[i] for i in range(len(pipe.model.config.id2label))]
     rows = []
-    for approach in APPROACHES:
+    for approach in case.approaches:
         logits = _infer(url, f"{approach}_{case.name}", name, datatype, data)["logits"]
         row = judge_scores(_softmax(logits), want, labels, ATOL[approach])
         rows.append(_label(row, case, approach, f"{len(inputs)} inputs"))
@@ -551,7 +580,7 @@ def _check_entities(case: Case, url: str) -> list[Row]:
     client = httpclient.InferenceServerClient(url=url, network_timeout=300)
     rows = []
     try:
-        for approach in APPROACHES:
+        for approach in case.approaches:
             got, want = [], []
             for strategy in AGGREGATION_STRATEGIES:
                 pipe = transformers.pipeline(
@@ -592,7 +621,7 @@ def _check_detections(case: Case, url: str, images: dict[str, bytes]) -> list[Ro
     client = httpclient.InferenceServerClient(url=url, network_timeout=300)
     rows = []
     try:
-        for approach in APPROACHES:
+        for approach in case.approaches:
             got, want = [], []
             for threshold, top_k in DETECTION_SETTINGS:
                 tensor = httpclient.InferInput("image_bytes", list(data.shape), "BYTES")
@@ -699,7 +728,7 @@ def _check_zero_shot(case: Case, url: str, images: dict[str, bytes]) -> list[Row
     rows = []
     client = httpclient.InferenceServerClient(url=url, network_timeout=300)
     try:
-        for approach in APPROACHES:
+        for approach in case.approaches:
             got, want = [], []
             for template in ZERO_SHOT_TEMPLATES:
                 tensors = [
@@ -742,7 +771,7 @@ def _check_zero_shot(case: Case, url: str, images: dict[str, bytes]) -> list[Row
         features = getattr(out, "pooler_output", out)
         want_embeds[name] = (features / features.norm(dim=-1, keepdim=True)).numpy()
     text_data = np.array([[t.encode()] for t in texts], dtype=object)
-    for approach in APPROACHES:
+    for approach in case.approaches:
         stem = f"{approach}_{case.name}"
         got_embeds = {
             **_infer(url, f"{stem}_image", "image_bytes", "BYTES", blobs),
@@ -805,7 +834,7 @@ def _check_sentence_embeddings(case: Case, url: str) -> list[Row]:
     want = reference.encode(list(SENTENCES), convert_to_numpy=True)
     data = np.array([[s.encode()] for s in SENTENCES], dtype=object)
     rows = []
-    for approach in APPROACHES:
+    for approach in case.approaches:
         got = _infer(url, f"{approach}_{case.name}", "text", "BYTES", data)["sentence_embedding"]
         rows.append(_label(judge_embeddings(got, want), case, approach, f"{len(want)} sentences"))
     return rows

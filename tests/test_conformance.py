@@ -1,9 +1,9 @@
 """The conformance matrix as users run it (`hf-triton conformance --quick`): every model
-family's features, one family per kind of classification head and ModernBERT's NER, both
-approaches, served by real servers and judged by references this project did not write
-(transformers' pipelines, the families' processors and models, sentence-transformers).
-`hf-triton conformance` without --quick runs classification and NER for every family too (the
-README's table).
+family's features (through the ensemble; through the Python pipeline too where it has code of
+its own), one family per kind of classification head and ModernBERT's NER, both approaches,
+served by real servers and judged by references this project did not write (transformers'
+pipelines, the families' processors and models, sentence-transformers). `hf-triton conformance`
+without --quick runs every family, task and approach (the README's table).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_served_both_ways_like_the_reference(matrix, case):
         for r in rows
         if (r["family"], r["task"], r["reference"]) == (case.family, case.task, case.reference)
     ]
-    assert [r["approach"] for r in mine] == ["python", "ensemble"], mine
+    assert [r["approach"] for r in mine] == list(case.approaches), mine
     for row in mine:
         assert row["verdict"] == "pass", row
 
@@ -48,15 +48,15 @@ def test_served_both_ways_like_the_reference(matrix, case):
 def test_matrix_covers_every_family_and_task(matrix):
     returncode, rows, out = matrix
     assert returncode == 0, [r for r in rows if r["verdict"] != "pass"]
-    covered = {(r["family"], r["task"]) for r in rows}
+    covered = {(r["family"], r["task"], r["approach"]) for r in rows}
     for family in families.FAMILIES.values():
         for task in family.tasks:
-            quick = {
-                "token-classification": conformance.QUICK_TOKEN_CLASSIFICATION,
-                "zero-shot-image-classification": conformance.QUICK_ZERO_SHOT,
-            }.get(task, conformance.QUICK_CLASSIFICATION)
-            if task.endswith("feature-extraction") or family.name in quick:
-                assert (family.name, task) in covered
+            served = {a for f, t, a in covered if (f, t) == (family.name, task)}
+            if task.endswith("feature-extraction"):
+                python = family.name in conformance.QUICK_PYTHON_FEATURES
+                assert served == {"python", "ensemble"} if python else {"ensemble"}, served
+            elif family.name in conformance.quick_families(task):
+                assert served == {"python", "ensemble"}, (family.name, task)
     table = (out / "conformance.md").read_text()
     assert "| family | task | approach |" in table and "all-MiniLM-L6-v2" in table
 
@@ -78,11 +78,13 @@ def test_vectorised_path_self_checks_and_falls_back(matrix):
     """Served processors: the fast path where it reproduces the processor, else the processor."""
     _, _, out = matrix
     log = (out / "work" / "image" / "tritonserver.log").read_text()
-    assert "python_efficientnet_fe: processor + EfficientNetModel in fp32" in log
-    assert "(reference: not applicable (EfficientNetImageProcessorPil changes pixel" in log
+    line = next(x for x in log.splitlines() if "efficientnet_fe_pre: processor only" in x)
+    assert "(reference: not applicable (EfficientNetImageProcessorPil changes pixel" in line
     for family in ("vit", "deit", "convnext", "dinov2", "clip"):
-        line = next(x for x in log.splitlines() if f"python_{family}_fe: processor +" in x)
+        line = next(x for x in log.splitlines() if f"{family}_fe_pre: processor only" in x)
         assert "(vectorized: self-check max |diff|" in line, line
+    line = next(x for x in log.splitlines() if "python_vit_fe: processor +" in x)
+    assert "(vectorized: self-check max |diff|" in line, line  # the pipeline's own copy
 
 
 # -- the judges can fail ---------------------------------------------------------------------
