@@ -1,8 +1,10 @@
 """Object detection served for real (the `text_server` fixture also serves a tiny RT-DETR, both
 approaches): boxes in each image's own pixels, the request parameters, bad input, the client.
 
-Equality with transformers' ``pipeline("object-detection")`` on every test image is the
-conformance matrix's job (tests/test_conformance.py runs it); these tests cover the rest.
+Equality with transformers' ``pipeline("object-detection")`` on every test image of the
+conformance matrix is judged here by the matrix's own check (`hf-triton conformance` runs the
+same on its own build; its ``--quick``, the one tests/test_conformance.py runs, leaves detection
+to this server).
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ def pipeline(text_server):
     import transformers
 
     return transformers.pipeline("object-detection", model=str(text_server.detector))
+
+
+def test_every_test_image_in_one_request_as_the_pipeline(text_server):
+    """The conformance matrix's detection check: its photos and odd encodings (EXIF-rotated
+    JPEG, 16-bit PNG, RGBA, palette, CMYK, grayscale) sent as the files' bytes in one request,
+    at the pipeline's default threshold and at threshold 0 with top_k 5, both approaches."""
+    from hf_triton import conformance
+
+    case = conformance.Case(
+        "rt-detr",
+        "object-detection",
+        "det",
+        lambda root: text_server.detector,
+        "pipeline('object-detection')",
+        checkpoint=text_server.detector,
+    )
+    rows = conformance.check(case, text_server.url, conformance.test_images())
+    assert [r.approach for r in rows] == APPROACHES, rows
+    for row in rows:
+        assert row.verdict == "pass", row
 
 
 @pytest.mark.parametrize("approach", APPROACHES)
