@@ -418,8 +418,9 @@ class Bare:
 
             if target.onnx is None:
                 raise BenchError(
-                    f"no model.onnx for the bare run of '{target.model}': pass --onnx PATH "
-                    "(the served model.onnx), or --no-bare"
+                    f"no model.onnx for the bare run of '{target.model}': pass --onnx PATH, "
+                    "or --onnx STEP=PATH for its ONNX step STEP (the served model.onnx), or "
+                    "--no-bare"
                 )
             session = ort.InferenceSession(str(target.onnx), providers=["CPUExecutionProvider"])
             self.output = first = session.get_outputs()[0].name
@@ -955,7 +956,8 @@ class BenchRun:
     workdir: Path = Path(".hf_triton/bench")
     url: str | None = None  # host:port of a running server (protocol's port)
     http_url: str | None = None  # its HTTP host:port (statistics, checks); default: guessed
-    onnx: Path | None = None  # with url: the served model.onnx, for the bare runs
+    #: With url: the served model.onnx for the bare runs, by ONNX step name ("*": any step).
+    onnx: dict[str, Path] = field(default_factory=dict)
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     ready_timeout_s: float = 600.0
     settings: BenchSettings = field(default_factory=BenchSettings)
@@ -1017,8 +1019,7 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
     server_env = "unknown (a server started elsewhere)"
     if options.url:
         url, http_url = options.url, options.http_url or options.url
-        if options.onnx is not None:
-            onnx_dirs["*"] = options.onnx
+        onnx_dirs.update(options.onnx)  # "*": every ONNX step
     else:
         sources = list(repositories)
         if checkpoint is not None:

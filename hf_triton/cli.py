@@ -127,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
         workdir=args.workdir or Path(".hf_triton/bench"),
         url=args.url,
         http_url=args.http_url,
-        onnx=args.onnx,
+        onnx=dict(args.onnx),
         precisions=args.precisions,
         ready_timeout_s=args.ready_timeout_s,
         settings=bench.BenchSettings(
@@ -225,6 +225,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(describe(args.target, args.url).text())
     return 0
+
+
+def _onnx_arg(value: str) -> tuple[str, Path]:
+    """``PATH`` (every ONNX step) or ``STEP=PATH`` (the ONNX step named STEP)."""
+    step, sep, path = value.partition("=")
+    if not sep:
+        return "*", Path(value)
+    if not step or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: PATH or STEP=PATH")
+    return step, Path(path)
 
 
 def _csv(kind):
@@ -595,7 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmark a running server (host:port of --protocol) instead of "
         "starting one; needs --onnx for the bare runs",
     )
-    b.add_argument("--onnx", type=Path, default=None, help="model.onnx for the bare run")
+    b.add_argument(
+        "--onnx",
+        type=_onnx_arg,
+        action="append",
+        default=[],
+        metavar="[STEP=]PATH",
+        help="with --url: model.onnx for the bare runs, of every ensemble's ONNX step, or of the "
+        "step named STEP (repeat for several ensembles)",
+    )
     b.add_argument(
         "--http-url",
         default=None,

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,8 +272,9 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
         ("det", detector),
         ("siglip", siglip),
     )
-    for name, path in built:
-        run = run_cli(
+
+    def build(name: str, path: Path) -> subprocess.CompletedProcess[str]:
+        return run_cli(
             "build",
             "--model",
             str(path),
@@ -287,6 +289,11 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
             "--out",
             str(root / name),
         )
+
+    # Two at a time: each CLI process spends seconds importing torch on one core.
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda b: build(*b), built))
+    for (name, _), run in zip(built, runs, strict=True):
         assert run.returncode == 0, run.stdout + run.stderr
         repositories += [root / name / r for r in DEFAULT_REPOSITORIES_NAMES]
     launched = launch(repositories, root / "work")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from hf_triton import bench
 
@@ -81,108 +84,88 @@ def test_benchmark_smoke(server, tmp_path):
     assert (tmp_path / "results.csv").read_text().startswith("name,")
 
 
-def test_benchmark_text_model(text_server, tmp_path):
-    """A built text model: sentences/s and tokens/s, its answer checked against ONNX Runtime."""
+@pytest.fixture(scope="module")
+def text_bench(text_server, tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """One benchmark of the text server's models of every other kind: a text classifier
+    (ensemble), NER (Python pipeline), a detector (ensemble, JPEG) and SigLIP's text tower
+    (Python pipeline) with the zero-shot model that calls the towers. The two ensembles' bare
+    runs get their served model.onnx by ONNX step name."""
+    out = tmp_path_factory.mktemp("text-bench")
+    served = text_server.launched.workdir / "repositories"
     run = run_bench(
         "--url",
         text_server.url,
         "--protocol",
         "http",
         "--models",
-        "ensemble_bertcls",
+        "ensemble_bertcls,python_bertner,ensemble_det,python_siglip_text,python_siglip",
         "--onnx",
-        str(
-            text_server.launched.workdir
-            / "repositories"
-            / "bertcls_ensemble_model_repository"
-            / "bertcls"
-            / "1"
-            / "model.onnx"
-        ),
+        f"bertcls={served / 'bertcls_ensemble_model_repository' / 'bertcls' / '1' / 'model.onnx'}",
+        "--onnx",
+        f"det={served / 'det_ensemble_model_repository' / 'det' / '1' / 'model.onnx'}",
+        "--formats",
+        "jpeg,text",
         "--concurrency",
         "1",
         "--out",
-        str(tmp_path),
+        str(out),
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["results"]
+    return run, {r["name"]: r for r in rows if not r["name"].startswith("bare")}
+
+
+def test_benchmark_text_model(text_bench):
+    """A built text model: sentences/s and tokens/s, its answer checked against ONNX Runtime."""
+    run, served = text_bench
     assert "tokens/s" in run.stdout and "sentence/s" in run.stdout
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    served = [r for r in rows if r["name"] == "ensemble_bertcls"]
-    assert served and served[0]["check"].startswith("ok") and served[0]["tokens_per_item"] > 5
+    row = served["ensemble_bertcls"]
+    assert row["check"].startswith("ok") and row["tokens_per_item"] > 5, row
 
 
-def test_benchmark_token_classification(text_server, tmp_path):
+def test_benchmark_token_classification(text_bench):
     """Entities served by the Python pipeline, checked against the bare PyTorch model's logits
     turned into per-token entities (labels, offsets, scores)."""
-    run = run_bench(
-        "--url",
-        text_server.url,
-        "--protocol",
-        "http",
-        "--models",
-        "python_bertner",
-        "--concurrency",
-        "1",
-        "--out",
-        str(tmp_path),
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    served = [r for r in rows if r["name"] == "python_bertner"]
-    assert served and served[0]["check"].startswith("ok ("), served
-    assert "token labels" in served[0]["check"]
+    _, served = text_bench
+    check = served["python_bertner"]["check"]
+    assert check.startswith("ok (") and "token labels" in check, check
 
 
-def test_benchmark_object_detection(text_server, tmp_path):
+def test_benchmark_object_detection(text_bench):
     """Detections served by the ensemble, checked against the bare ONNX Runtime session's
     logits and boxes through the image processor's own post-processing."""
-    onnx = text_server.launched.workdir / "repositories" / "det_ensemble_model_repository"
-    run = run_bench(
-        "--url",
-        text_server.url,
-        "--protocol",
-        "http",
-        "--models",
-        "ensemble_det",
-        "--onnx",
-        str(onnx / "det" / "1" / "model.onnx"),
-        "--formats",
-        "jpeg",
-        "--concurrency",
-        "1",
-        "--out",
-        str(tmp_path),
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    served = [r for r in rows if r["name"] == "ensemble_det"]
-    assert served and served[0]["check"].startswith("ok (20 detections"), served
+    _, served = text_bench
+    row = served["ensemble_det"]
+    assert row["input_format"] == "jpeg" and row["check"].startswith("ok (20 detections"), row
 
 
-def test_benchmark_image_text_towers(text_server, tmp_path):
+def test_benchmark_image_text_towers(text_bench):
     """An image-text model's text tower (SigLIP, Python pipeline): measured, its answer checked
     against the bare PyTorch tower; the zero-shot model that calls the towers is named as not
     measured rather than failing."""
-    run = run_bench(
-        "--url",
-        text_server.url,
-        "--protocol",
-        "http",
-        "--models",
-        "python_siglip_text,python_siglip",
-        "--concurrency",
-        "1",
-        "--out",
-        str(tmp_path),
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run, served = text_bench
     assert "'python_siglip' (python_siglip_image, python_siglip_text)" in run.stdout + run.stderr
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    served = [r for r in rows if r["name"] == "python_siglip_text"]
-    assert served and served[0]["check"].startswith("ok (cos"), served
-    assert [r["name"] for r in rows if r["name"].startswith("python_siglip")] == [
-        "python_siglip_text"
-    ]
+    assert served["python_siglip_text"]["check"].startswith("ok (cos"), served
+    assert [n for n in served if n.startswith("python_siglip")] == ["python_siglip_text"]
+
+
+def test_onnx_of_each_ensemble_is_named_by_its_step(capsys):
+    """`--onnx PATH` serves every ensemble's bare run, `--onnx STEP=PATH` the one whose ONNX
+    step is STEP (repeatable); anything else is refused by the argument parser."""
+    from hf_triton.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--onnx", "bertcls=a/model.onnx", "--onnx", "b.onnx", "--onnx", "det=c=d.onnx"]
+    )
+    assert dict(args.onnx) == {
+        "bertcls": Path("a/model.onnx"),
+        "*": Path("b.onnx"),
+        "det": Path("c=d.onnx"),
+    }
+    for bad in ("=x.onnx", "det="):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", "--onnx", bad])
+        assert f"{bad!r}: PATH or STEP=PATH" in capsys.readouterr().err
 
 
 def test_benchmark_over_http(server, tmp_path):

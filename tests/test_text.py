@@ -29,6 +29,26 @@ def send_text(url: str, model: str, texts: list[str], output: str, class_count: 
     return client.infer(model, [tensor], outputs=[out]).as_numpy(output)
 
 
+def test_minilm_equals_sentence_transformers(text_server):
+    """The headline check, the conformance matrix's own (`hf-triton conformance --families
+    minilm`): the real all-MiniLM-L6-v2 served both ways against sentence-transformers on the
+    same weights, sentences with Unicode, emoji, whitespace and more tokens than it takes."""
+    from hf_triton import conformance
+
+    case = conformance.Case(
+        "all-MiniLM-L6-v2 (real)",
+        "text-feature-extraction",
+        "minilm",
+        lambda root: text_server.minilm,
+        "SentenceTransformer",
+        checkpoint=text_server.minilm,
+    )
+    rows = conformance.check(case, text_server.url, {})
+    assert [r.approach for r in rows] == APPROACHES, rows
+    for row in rows:
+        assert row.verdict == "pass" and row.value >= conformance.MIN_COSINE, row
+
+
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_minilm_related_sentences_score_higher(text_server, approach):
     e = send_text(text_server.url, f"{approach}_minilm", SENTENCES, "sentence_embedding")
