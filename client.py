@@ -78,57 +78,62 @@ def infer(
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(
+    with httpclient.InferenceServerClient(
         url=url, connection_timeout=timeout_s, network_timeout=timeout_s
-    )
-    try:
-        if not client.is_server_live():
-            raise SystemExit(f"error: Triton at {url} is not live")
-    except (ConnectionError, OSError, InferenceServerException) as e:
-        raise SystemExit(
-            f"error: no Triton server at {url} ({e}). Start one with ./run_server.sh"
-        ) from e
-    try:
-        metadata = client.get_model_metadata(model_name)
-    except InferenceServerException as e:
-        available = (
-            sorted(
-                m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"
+    ) as client:
+        try:
+            if not client.is_server_live():
+                raise SystemExit(f"error: Triton at {url} is not live")
+        except (ConnectionError, OSError, InferenceServerException) as e:
+            raise SystemExit(
+                f"error: no Triton server at {url} ({e}). Start one with ./run_server.sh"
+            ) from e
+        try:
+            metadata = client.get_model_metadata(model_name)
+        except InferenceServerException as e:
+            available = (
+                sorted(
+                    m["name"]
+                    for m in client.get_model_repository_index()
+                    if m.get("state") == "READY"
+                )
+                if _index_allowed(client)
+                else []
             )
-            if _index_allowed(client)
-            else []
-        )
-        hint = f"; ready models: {', '.join(available)}" if available else ""
-        raise SystemExit(
-            f"error: model '{model_name}' is not available at {url}: {e.message()}{hint}"
-        ) from e
-    takes = {i["name"] for i in metadata["inputs"]}
-    if "candidate_labels" in takes and not labels:
-        raise SystemExit(
-            f"error: '{model_name}' scores an image against labels: pass --labels "
-            '"a cat,a dog,..."'
-        )
-    if labels and "candidate_labels" not in takes:
-        raise SystemExit(
-            f"error: --labels is for zero-shot models (CLIP, SigLIP); '{model_name}' takes "
-            f"{', '.join(sorted(takes))}"
-        )
-    name, dtype = FORMATS[input_format]
-    tensor = httpclient.InferInput(name, list(images.shape), dtype)
-    tensor.set_data_from_numpy(images, binary_data=True)
-    inputs = [tensor]
-    if labels:
-        rows = np.array([[x.encode("utf-8") for x in labels]] * len(images), dtype=np.object_)
-        inputs.append(httpclient.InferInput("candidate_labels", list(rows.shape), "BYTES"))
-        inputs[-1].set_data_from_numpy(rows, binary_data=True)
-    outputs = [
-        httpclient.InferRequestedOutput(o["name"], binary_data=True) for o in metadata["outputs"]
-    ]
-    try:
-        result = client.infer(model_name, inputs, outputs=outputs, parameters=parameters or None)
-    except InferenceServerException as e:
-        raise SystemExit(f"error: inference failed: {e.message()}") from e
-    return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
+            hint = f"; ready models: {', '.join(available)}" if available else ""
+            raise SystemExit(
+                f"error: model '{model_name}' is not available at {url}: {e.message()}{hint}"
+            ) from e
+        takes = {i["name"] for i in metadata["inputs"]}
+        if "candidate_labels" in takes and not labels:
+            raise SystemExit(
+                f"error: '{model_name}' scores an image against labels: pass --labels "
+                '"a cat,a dog,..."'
+            )
+        if labels and "candidate_labels" not in takes:
+            raise SystemExit(
+                f"error: --labels is for zero-shot models (CLIP, SigLIP); '{model_name}' takes "
+                f"{', '.join(sorted(takes))}"
+            )
+        name, dtype = FORMATS[input_format]
+        tensor = httpclient.InferInput(name, list(images.shape), dtype)
+        tensor.set_data_from_numpy(images, binary_data=True)
+        inputs = [tensor]
+        if labels:
+            rows = np.array([[x.encode("utf-8") for x in labels]] * len(images), dtype=np.object_)
+            inputs.append(httpclient.InferInput("candidate_labels", list(rows.shape), "BYTES"))
+            inputs[-1].set_data_from_numpy(rows, binary_data=True)
+        outputs = [
+            httpclient.InferRequestedOutput(o["name"], binary_data=True)
+            for o in metadata["outputs"]
+        ]
+        try:
+            result = client.infer(
+                model_name, inputs, outputs=outputs, parameters=parameters or None
+            )
+        except InferenceServerException as e:
+            raise SystemExit(f"error: inference failed: {e.message()}") from e
+        return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
 
 
 def draw(path: Path, detections: list[dict], out: Path) -> None:
@@ -160,26 +165,26 @@ def infer_text(
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s)
-    try:
-        metadata = client.get_model_metadata(model_name)
-    except (ConnectionError, OSError) as e:
-        raise SystemExit(f"error: no Triton server at {url} ({e}). Start one first") from e
-    except InferenceServerException as e:
-        raise SystemExit(
-            f"error: model '{model_name}' is not available at {url}: {e.message()}"
-        ) from e
-    names = [i["name"] for i in metadata["inputs"]]
-    if "text" not in names:
-        raise SystemExit(f"error: model '{model_name}' takes {names}, not 'text'")
-    data = np.array([[t.encode()] for t in texts], dtype=object)
-    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    try:
-        result = client.infer(model_name, [tensor], parameters=parameters or None)
-    except InferenceServerException as e:
-        raise SystemExit(f"error: inference failed: {e.message()}") from e
-    return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
+    with httpclient.InferenceServerClient(url=url, network_timeout=timeout_s) as client:
+        try:
+            metadata = client.get_model_metadata(model_name)
+        except (ConnectionError, OSError) as e:
+            raise SystemExit(f"error: no Triton server at {url} ({e}). Start one first") from e
+        except InferenceServerException as e:
+            raise SystemExit(
+                f"error: model '{model_name}' is not available at {url}: {e.message()}"
+            ) from e
+        names = [i["name"] for i in metadata["inputs"]]
+        if "text" not in names:
+            raise SystemExit(f"error: model '{model_name}' takes {names}, not 'text'")
+        data = np.array([[t.encode()] for t in texts], dtype=object)
+        tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        try:
+            result = client.infer(model_name, [tensor], parameters=parameters or None)
+        except InferenceServerException as e:
+            raise SystemExit(f"error: inference failed: {e.message()}") from e
+        return {o["name"]: result.as_numpy(o["name"]) for o in metadata["outputs"]}
 
 
 def _index_allowed(client) -> bool:

@@ -30,6 +30,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         log_verbose=args.log_verbose,
+        exit_timeout_s=args.exit_timeout_s,
         admin_key=args.admin_key
         or os.environ.get("HF_TRITON_ADMIN_KEY")
         or secrets.token_urlsafe(24),
@@ -91,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     supervisor.run(stop, args.ready_timeout_s, on_ready=ready)
     if stop.is_set():
         print(f"Stopped (exit code {server.returncode}).")
+        note = server.stop_note()
+        if note:
+            print(note)
     return 0
 
 
@@ -385,6 +389,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="real probe inference to each model this often; a dead model "
         "restarts the server (0 disables; default: %(default)s)",
+    )
+    p.add_argument(
+        "--exit-timeout-s",
+        type=int,
+        default=30,
+        help="on Ctrl-C or SIGTERM, how long Triton lets in-flight requests and open HTTP "
+        "connections finish before it stops anyway (default: %(default)s)",
     )
     p.add_argument(
         "--max-restarts",

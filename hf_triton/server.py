@@ -393,6 +393,27 @@ class TritonServer:
         self.remove_shm_regions()
         return self._proc.returncode
 
+    def stop_note(self) -> str | None:
+        """Why the last stop was not clean, where Triton's log tells: open HTTP connections
+        (idle keep-alive ones too) held its drain until the exit timeout, so it stopped
+        without unloading the models (exit code 1). None after a clean stop."""
+        text = self.logs()
+        if "Exit timeout expired" not in text:
+            return None
+        held = [int(n) for n in re.findall(r"Found (\d+) HTTP service connections", text)]
+        if not held:
+            return (
+                f"tritonserver stopped at its exit timeout ({self.config.exit_timeout_s} s) "
+                f"before its models finished (log: {self.log_path})."
+            )
+        return (
+            f"tritonserver waited its whole exit timeout ({self.config.exit_timeout_s} s) for "
+            f"{max(held)} open HTTP connection(s) to close, then stopped without unloading the "
+            "models: Triton lets open HTTP connections finish before it stops, idle keep-alive "
+            "ones too. Clients should close theirs when done (client.close(), or "
+            "`with InferenceServerClient(...) as client:`)."
+        )
+
     def shm_regions(self) -> list[Path]:
         """This server's shared-memory regions in /dev/shm."""
         return sorted(SHM_DIR.glob(f"{self.config.shm_prefix}*"))

@@ -19,11 +19,11 @@ OUTPUTS = ["last_hidden_state", "pooler_output"]
 
 
 def infer(url: str, model: str, images: np.ndarray) -> dict[str, np.ndarray]:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    tensor = httpclient.InferInput("image", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images.astype(np.float32))
-    result = client.infer(model, [tensor])
-    return {name: result.as_numpy(name) for name in OUTPUTS}
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        tensor = httpclient.InferInput("image", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images.astype(np.float32))
+        result = client.infer(model, [tensor])
+        return {name: result.as_numpy(name) for name in OUTPUTS}
 
 
 def assert_close(got: dict, want: dict, atol: float) -> None:

@@ -7,6 +7,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +199,31 @@ def test_sigterm_during_recovery_stops_promptly(tmp_path, tiny_checkpoint):
     finally:
         launched.stop()
     assert code == 0 and took < 20, (code, took, launched.output())
+
+
+def test_idle_http_connection_holding_the_stop_is_named(tmp_path, tiny_checkpoint):
+    """A client that keeps an idle keep-alive HTTP connection open holds Triton's drain for the
+    whole exit timeout, after which it stops without unloading its models (exit code 1): the
+    launcher says so and what to do, instead of a bare exit code."""
+    launched = _launch(tmp_path, tiny_checkpoint, "--exit-timeout-s", "3")
+    host, port = launched.url.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as idle:
+            idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200"), "no answer on the connection"
+            signalled = time.monotonic()
+            code = launched.stop()  # the connection stays open, idle, meanwhile
+            took = time.monotonic() - signalled
+    finally:
+        launched.stop()
+    out = launched.output()
+    assert code == 0 and 3 <= took < 3 + 15, (code, took, out)
+    assert "Stopped (exit code 1)." in out, out
+    assert (
+        "waited its whole exit timeout (3 s) for 1 open HTTP connection(s) to close, then "
+        "stopped without unloading the models" in out
+    ), out
+    assert "client.close()" in out
 
 
 def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):

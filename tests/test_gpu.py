@@ -73,11 +73,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _embed(url: str, model: str) -> np.ndarray:
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
     data = np.array([[s.encode()] for s in SENTENCES], dtype=object)
     tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
-    return client.infer(model, [tensor]).as_numpy("sentence_embedding")
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        return client.infer(model, [tensor]).as_numpy("sentence_embedding")
 
 
 @pytest.mark.gpu

@@ -15,15 +15,15 @@ from helpers import ATOL, MODELS, assert_close, infer, synthetic
 
 
 def send(url: str, model: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    tensors = []
-    for name, array in inputs.items():
-        dtype = {"image": "FP32", "image_uint8": "UINT8", "image_bytes": "BYTES"}[name]
-        tensor = httpclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    result = client.infer(model, tensors)
-    return {n: result.as_numpy(n) for n in ("last_hidden_state", "pooler_output")}
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        tensors = []
+        for name, array in inputs.items():
+            dtype = {"image": "FP32", "image_uint8": "UINT8", "image_bytes": "BYTES"}[name]
+            tensor = httpclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = client.infer(model, tensors)
+        return {n: result.as_numpy(n) for n in ("last_hidden_state", "pooler_output")}
 
 
 def encode(image: np.ndarray, fmt: str) -> bytes:
@@ -77,9 +77,9 @@ def test_corrupt_bytes_rejected_others_in_flight_unaffected(server, photo, model
 
 
 def _stats(url: str, model: str) -> tuple[int, int]:
-    client = httpclient.InferenceServerClient(url=url)
-    stats = client.get_inference_statistics(model)["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+    with httpclient.InferenceServerClient(url=url) as client:
+        stats = client.get_inference_statistics(model)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
 
 
 @pytest.mark.parametrize("model,batched", [("python_vit", "python_vit"), ("ensemble_model", "vit")])

@@ -23,12 +23,12 @@ APPROACHES = ["python", "ensemble"]
 
 
 def detect(url: str, model: str, images: list[np.ndarray], **parameters) -> list[list[dict]]:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    data = np.stack(images).astype(np.uint8)
-    tensor = httpclient.InferInput("image_uint8", list(data.shape), "UINT8")
-    tensor.set_data_from_numpy(data)
-    result = client.infer(model, [tensor], parameters=parameters or None)
-    return [json.loads(row) for row in result.as_numpy("detections").reshape(-1)]
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        data = np.stack(images).astype(np.uint8)
+        tensor = httpclient.InferInput("image_uint8", list(data.shape), "UINT8")
+        tensor.set_data_from_numpy(data)
+        result = client.infer(model, [tensor], parameters=parameters or None)
+        return [json.loads(row) for row in result.as_numpy("detections").reshape(-1)]
 
 
 @pytest.fixture(scope="module")

@@ -227,13 +227,13 @@ def test_preferred_batch_size_is_written_loaded_and_served(tmp_path, tiny_checkp
         assert config.max_batch_size == 8, config.name
     launched = launch([repos[1]], tmp_path / "serve")
     try:
-        client = httpclient.InferenceServerClient(url=launched.url)
-        served = client.get_model_config("vit")
-        assert served["dynamic_batching"]["preferred_batch_size"] == [4]
         image = np.zeros((2, 64, 48, 3), np.uint8)
         tensor = httpclient.InferInput("image_uint8", list(image.shape), "UINT8")
         tensor.set_data_from_numpy(image)
-        out = client.infer("ensemble_model", [tensor]).as_numpy("pooler_output")
+        with httpclient.InferenceServerClient(url=launched.url) as client:
+            served = client.get_model_config("vit")
+            out = client.infer("ensemble_model", [tensor]).as_numpy("pooler_output")
+        assert served["dynamic_batching"]["preferred_batch_size"] == [4]
         assert out.shape == (2, 32) and np.isfinite(out).all()
     finally:
         launched.stop()

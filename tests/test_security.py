@@ -52,11 +52,12 @@ def test_restricted_http_api_needs_the_admin_key(server, path):
 
 
 def test_restricted_grpc_protocol_needs_the_admin_key(server):
-    client = grpcclient.InferenceServerClient(url=server.grpc_url)
-    with pytest.raises(InferenceServerException, match="restricted"):
-        client.get_model_repository_index()
-    # gRPC metadata carries the key as 'triton-grpc-protocol-<header>'.
-    index = client.get_model_repository_index(headers={"triton-grpc-protocol-admin-key": ADMIN_KEY})
+    with grpcclient.InferenceServerClient(url=server.grpc_url) as client:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_repository_index()
+        # gRPC metadata carries the key as 'triton-grpc-protocol-<header>'.
+        headers = {"triton-grpc-protocol-admin-key": ADMIN_KEY}
+        index = client.get_model_repository_index(headers=headers)
     assert {m.name for m in index.models} >= {"python_vit", "ensemble_model"}
 
 

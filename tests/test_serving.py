@@ -14,8 +14,8 @@ from helpers import ATOL, MODELS, OUTPUTS, assert_close, infer, run_cli, run_cli
 
 
 def test_all_models_ready(server):
-    client = httpclient.InferenceServerClient(url=server.url)
-    index = client.get_model_repository_index(headers=ADMIN_HEADERS)
+    with httpclient.InferenceServerClient(url=server.url) as client:
+        index = client.get_model_repository_index(headers=ADMIN_HEADERS)
     states = {m["name"]: m.get("state") for m in index}
     assert states == {m: "READY" for m in ("python_vit", "preprocessing", "vit", "ensemble_model")}
 
@@ -54,8 +54,8 @@ def test_both_approaches_agree(server, photo, model):
 
 
 def test_vit_config_auto_completed_from_onnx(server):
-    client = httpclient.InferenceServerClient(url=server.url)
-    cfg = client.get_model_config("vit")
+    with httpclient.InferenceServerClient(url=server.url) as client:
+        cfg = client.get_model_config("vit")
     assert cfg["backend"] == "onnxruntime"
     assert cfg["max_batch_size"] == 8  # --backend-config=default-max-batch-size from the launcher
     assert "dynamic_batching" in cfg
@@ -69,16 +69,17 @@ def test_vit_config_auto_completed_from_onnx(server):
 def test_onnx_step_threads_do_not_spin(server):
     """The generated config sets ONNX Runtime's own session option and the Python-based backend
     applies it: ONNX Runtime's threads left spinning stalled requests by ~0.5 s here."""
-    client = httpclient.InferenceServerClient(url=server.url)
-    params = client.get_model_config("vit")["parameters"]
+    with httpclient.InferenceServerClient(url=server.url) as client:
+        params = client.get_model_config("vit")["parameters"]
     assert params["session.intra_op.allow_spinning"]["string_value"] == "0"
     assert "session.intra_op.allow_spinning=0" in server.launched.log()
 
 
 def test_served_config_names_the_weights(server):
-    client = httpclient.InferenceServerClient(url=server.url)
-    for model in ("python_vit", "preprocessing"):
-        params = client.get_model_config(model)["parameters"]
+    with httpclient.InferenceServerClient(url=server.url) as client:
+        configs = [client.get_model_config(m) for m in ("python_vit", "preprocessing")]
+    for config in configs:
+        params = config["parameters"]
         assert params["checkpoint"]["string_value"] == str(server.checkpoint.resolve())
 
 

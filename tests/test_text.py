@@ -21,12 +21,12 @@ APPROACHES = ["python", "ensemble"]
 
 
 def send_text(url: str, model: str, texts: list[str], output: str, class_count: int = 0):
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    data = np.array([[t.encode()] for t in texts], dtype=object)
-    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    out = httpclient.InferRequestedOutput(output, class_count=class_count)
-    return client.infer(model, [tensor], outputs=[out]).as_numpy(output)
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        data = np.array([[t.encode()] for t in texts], dtype=object)
+        tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        out = httpclient.InferRequestedOutput(output, class_count=class_count)
+        return client.infer(model, [tensor], outputs=[out]).as_numpy(output)
 
 
 def test_minilm_equals_sentence_transformers(text_server):
@@ -88,10 +88,12 @@ def test_bad_text_is_rejected(text_server, approach, texts, words):
 
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_invalid_utf8_is_rejected_and_overlong_text_truncated(text_server, approach):
-    client = httpclient.InferenceServerClient(url=text_server.url)
     tensor = httpclient.InferInput("text", [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[b"\xff\xfe broken"]], dtype=object))
-    with pytest.raises(InferenceServerException) as err:
+    with (
+        httpclient.InferenceServerClient(url=text_server.url) as client,
+        pytest.raises(InferenceServerException) as err,
+    ):
         client.infer(f"{approach}_minilm", [tensor])
     assert err.value.status() == "400" and "input 'text'[0]: not valid UTF-8" in err.value.message()
     long = " ".join(["word"] * 600)  # far past max_seq_length 256: truncated, still served

@@ -30,13 +30,13 @@ SCORE_ATOL = {"python": 1e-4, "ensemble": 1e-3}
 
 
 def send(url: str, model: str, texts: list[str], strategy: str | None = None) -> list[list]:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    data = np.array([[t.encode()] for t in texts], dtype=object)
-    tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    params = {"aggregation_strategy": strategy} if strategy else None
-    result = client.infer(model, [tensor], parameters=params)
-    return [json.loads(row) for row in result.as_numpy("entities").reshape(-1)]
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        data = np.array([[t.encode()] for t in texts], dtype=object)
+        tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        params = {"aggregation_strategy": strategy} if strategy else None
+        result = client.infer(model, [tensor], parameters=params)
+        return [json.loads(row) for row in result.as_numpy("entities").reshape(-1)]
 
 
 @pytest.fixture(scope="module")

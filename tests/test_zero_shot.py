@@ -43,17 +43,17 @@ def entry(approach: str) -> str:
 
 
 def classify(url, model, images, labels, **parameters) -> list[list[dict]]:
-    client = httpclient.InferenceServerClient(url=url, network_timeout=120)
-    data = np.stack(images).astype(np.uint8)
-    rows = np.array([[x.encode() for x in row] for row in labels], dtype=object)
-    tensors = [
-        httpclient.InferInput("image_uint8", list(data.shape), "UINT8"),
-        httpclient.InferInput("candidate_labels", list(rows.shape), "BYTES"),
-    ]
-    tensors[0].set_data_from_numpy(data)
-    tensors[1].set_data_from_numpy(rows)
-    result = client.infer(model, tensors, parameters=parameters or None)
-    return [json.loads(row) for row in result.as_numpy("scores").reshape(-1)]
+    with httpclient.InferenceServerClient(url=url, network_timeout=120) as client:
+        data = np.stack(images).astype(np.uint8)
+        rows = np.array([[x.encode() for x in row] for row in labels], dtype=object)
+        tensors = [
+            httpclient.InferInput("image_uint8", list(data.shape), "UINT8"),
+            httpclient.InferInput("candidate_labels", list(rows.shape), "BYTES"),
+        ]
+        tensors[0].set_data_from_numpy(data)
+        tensors[1].set_data_from_numpy(rows)
+        result = client.infer(model, tensors, parameters=parameters or None)
+        return [json.loads(row) for row in result.as_numpy("scores").reshape(-1)]
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,11 @@ def test_text_tower_pads_to_siglips_length(text_server, pipeline, approach):
     import torch
 
     texts = ["a cat", "a photograph of a long and unusually described scene by a lake"]
-    client = httpclient.InferenceServerClient(url=text_server.url)
     data = np.array([[t.encode()] for t in texts], dtype=object)
     tensor = httpclient.InferInput("text", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
-    got = client.infer(f"{entry(approach)}_text", [tensor]).as_numpy("text_embeds")
+    with httpclient.InferenceServerClient(url=text_server.url) as client:
+        got = client.infer(f"{entry(approach)}_text", [tensor]).as_numpy("text_embeds")
     model, tokenizer = pipeline.model, pipeline.tokenizer
     with torch.inference_mode():
         encoded = tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
@@ -126,8 +126,10 @@ def test_text_tower_pads_to_siglips_length(text_server, pipeline, approach):
 
 
 def _error(url, model, inputs, **parameters) -> tuple[int, str]:
-    client = httpclient.InferenceServerClient(url=url)
-    with pytest.raises(InferenceServerException) as info:
+    with (
+        httpclient.InferenceServerClient(url=url) as client,
+        pytest.raises(InferenceServerException) as info,
+    ):
         client.infer(model, inputs, parameters=parameters or None)
     return int(info.value.status()), info.value.message()
 
