@@ -117,6 +117,19 @@ def _stub_pids(root_pid: int, model: str) -> list[int]:
     return pids
 
 
+def _shm_prefix(root_pid: int) -> str:
+    """The shared-memory prefix the launcher under ``root_pid`` gave its tritonserver."""
+    for pid in process_tree(root_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        found = re.search(r"shm-region-prefix-name=([^\x00]+)", cmdline)
+        if found:
+            return found.group(1)
+    raise AssertionError(f"no tritonserver with a shared-memory prefix under {root_pid}")
+
+
 def _wait_for(launched: Launched, text: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while text not in launched.output() and time.monotonic() < deadline:
@@ -255,11 +268,22 @@ def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.destructive
-def test_every_kind_of_stub_killed_recovers(server, text_server, photo):
-    """Kill one stub of every kind the session's servers run — vision python, image
-    preprocessing, ONNX step, text python, tokenizer (ensembles lose theirs with them) — with
-    the launchers' default probe interval: both report and recover, every model answers as
-    before, and the dead stubs' shared memory is gone."""
+def test_every_kind_of_stub_killed_recovers(server, text_server, photo, tmp_path):
+    """Kill one stub of every kind — vision python, image preprocessing, ONNX step (the
+    session's tutorial server), text python, tokenizer (a launcher serving the text server's
+    real all-MiniLM-L6-v2 repositories, so that its restart reloads those, not every model of
+    the text server); ensembles lose theirs with them — with the launchers'
+    default probe interval: both report and recover, every model answers as before, and the
+    dead stubs' shared memory is gone."""
+    minilm = [r for r in text_server.repositories if r.parent.name == "minilm"]
+    text = launch(minilm, tmp_path / "text")
+    try:
+        _kill_every_kind_and_recover(server, text, photo)
+    finally:
+        text.stop()
+
+
+def _kill_every_kind_and_recover(server, text: Launched, photo) -> None:
     from test_text import send_text
 
     from helpers import infer
@@ -267,13 +291,15 @@ def test_every_kind_of_stub_killed_recovers(server, text_server, photo):
     image = photo[None]
     vision_before = {m: infer(server.url, m, image) for m in ("python_vit", "ensemble_model")}
     text_before = {
-        m: send_text(text_server.url, m, ["A sentence."], "sentence_embedding")
+        m: send_text(text.url, m, ["A sentence."], "sentence_embedding")
         for m in ("python_minilm", "ensemble_minilm")
     }
-    regions = {r for r in shm_regions() if r.startswith("hf_triton_")}
+    prefixes = tuple(_shm_prefix(launched.proc.pid) for launched in (server.launched, text))
+    regions = {r for r in shm_regions() if r.startswith(prefixes)}
+    assert regions, prefixes
     kills = {
         server.process.pid: ["python_vit", "preprocessing", "vit"],
-        text_server.launched.proc.pid: ["python_minilm", "minilm_pre", "minilm"],
+        text.proc.pid: ["python_minilm", "minilm_pre", "minilm"],
     }
     for root, models in kills.items():
         for model in models:
@@ -285,14 +311,14 @@ def test_every_kind_of_stub_killed_recovers(server, text_server, photo):
 
     assert probe.main(["--url", f"http://{server.url}", "python_vit", "ensemble_model"]) == 1
     # The default probe interval is 30 s; a restart takes ~20 s.
-    for launched in (server.launched, text_server.launched):
+    for launched in (server.launched, text):
         _wait_for(launched, "recovered in", timeout_s=150)
         assert "is not healthy" in launched.output()
     for model, want in vision_before.items():
         got = infer(server.url, model, image)
         np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"], atol=1e-4)
     for model, want in text_before.items():
-        got = send_text(text_server.url, model, ["A sentence."], "sentence_embedding")
+        got = send_text(text.url, model, ["A sentence."], "sentence_embedding")
         np.testing.assert_allclose(got, want, atol=1e-5)
     left = regions & shm_regions()
     assert not left, f"shared memory of the killed stubs is still in /dev/shm: {left}"
