@@ -697,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="what the tests run: classification for one family per kind of head, most "
-        "families' features through the ensemble only, no detection",
+        "families' features through the ensemble only, no detection, no real MiniLM (the "
+        "tests' own text server judges those two)",
     )
     co.set_defaults(func=_conformance)
     ins = sub.add_parser("inspect", help="inputs/outputs of model.onnx or of a served model")

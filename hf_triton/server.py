@@ -205,6 +205,8 @@ class ServerConfig:
 
     def check(self) -> None:
         """Refuse settings Triton 2.51 would accept and then not honour."""
+        if self.exit_timeout_s < 0:
+            raise ServerError(f"--exit-timeout-s {self.exit_timeout_s}: 0 or more seconds")
         if self.model_control not in ("none", "explicit"):
             raise ServerError(f"model_control is 'none' or 'explicit', not {self.model_control!r}")
         if ":" in self.host:

@@ -163,6 +163,14 @@ def test_ipv6_host_is_refused_plainly(tmp_path, tiny_checkpoint):
     assert "--host ::1: Triton 2.51 serves HTTP and metrics on IPv4 only" in run.stderr
 
 
+def test_negative_exit_timeout_is_refused_before_start():
+    from hf_triton.server import ServerConfig, ServerError
+
+    ServerConfig([], exit_timeout_s=0).check()  # Triton's: stop at once
+    with pytest.raises(ServerError, match="--exit-timeout-s -1: 0 or more seconds"):
+        ServerConfig([], exit_timeout_s=-1).check()
+
+
 def test_no_standin_is_honoured_for_each_configs_checkpoint(tmp_path):
     """A repository naming a hub id, offline, with --no-standin: a plain error, no stand-in."""
     import os
