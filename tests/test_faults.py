@@ -102,31 +102,32 @@ def test_soak_exactly_once_bounded_memory(fault_server):
     assert report.rss_growth < 32 * 2**20, report.summary()
 
 
-def _stub_pids(root_pid: int, model: str) -> list[int]:
-    """Python-backend stubs serving ``model`` (its model.py or model.onnx) under ``root_pid``."""
-    pids = []
+def _argvs(root_pid: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process under ``root_pid`` that is still there."""
     for pid in process_tree(root_pid):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            yield pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline[0].endswith(b"triton_python_backend_stub") and re.search(
-            rf"/{re.escape(model)}/\d+/model\.(py|onnx)$".encode(), cmdline[1]
-        ):
-            pids.append(pid)
-    return pids
+
+
+def _stub_pids(root_pid: int, model: str) -> list[int]:
+    """Python-backend stubs serving ``model`` (its model.py or model.onnx) under ``root_pid``."""
+    return [
+        pid
+        for pid, argv in _argvs(root_pid)
+        if argv[0].endswith(b"triton_python_backend_stub")
+        and re.search(rf"/{re.escape(model)}/\d+/model\.(py|onnx)$".encode(), argv[1])
+    ]
 
 
 def _shm_prefix(root_pid: int) -> str:
     """The shared-memory prefix the launcher under ``root_pid`` gave its tritonserver."""
-    for pid in process_tree(root_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        found = re.search(r"shm-region-prefix-name=([^\x00]+)", cmdline)
-        if found:
-            return found.group(1)
+    for _, argv in _argvs(root_pid):
+        for arg in argv:
+            found = re.search(rb"shm-region-prefix-name=(.+)", arg)
+            if found:
+                return found.group(1).decode()
     raise AssertionError(f"no tritonserver with a shared-memory prefix under {root_pid}")
 
 

@@ -44,14 +44,8 @@ def test_every_test_image_in_one_request_as_the_pipeline(text_server):
     at the pipeline's default threshold and at threshold 0 with top_k 5, both approaches."""
     from hf_triton import conformance
 
-    case = conformance.Case(
-        "rt-detr",
-        "object-detection",
-        "det",
-        lambda root: text_server.detector,
-        "pipeline('object-detection')",
-        checkpoint=text_server.detector,
-    )
+    (case,) = (c for c in conformance.cases(["rt-detr"]) if c.task == "object-detection")
+    case.name, case.checkpoint = "det", text_server.detector  # served here as python_det, ...
     rows = conformance.check(case, text_server.url, conformance.test_images())
     assert [r.approach for r in rows] == APPROACHES, rows
     for row in rows:

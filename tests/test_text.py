@@ -35,14 +35,8 @@ def test_minilm_equals_sentence_transformers(text_server):
     same weights, sentences with Unicode, emoji, whitespace and more tokens than it takes."""
     from hf_triton import conformance
 
-    case = conformance.Case(
-        "all-MiniLM-L6-v2 (real)",
-        "text-feature-extraction",
-        "minilm",
-        lambda root: text_server.minilm,
-        "SentenceTransformer",
-        checkpoint=text_server.minilm,
-    )
+    (case,) = conformance.cases(["minilm"])  # the matrix's own case, served here
+    case.checkpoint = text_server.minilm
     rows = conformance.check(case, text_server.url, {})
     assert [r.approach for r in rows] == APPROACHES, rows
     for row in rows:
