@@ -755,16 +755,32 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     if not args.verbose:
         _quiet_transformers()
+    # Commands that start a server (conformance, bench, optimize) stop it in `finally`
+    # blocks, which also remove its /dev/shm regions; SIGTERM (a cancelled CI job, `timeout`,
+    # `kill`) must run them as Ctrl-C does, not end the process where it stands. `serve`
+    # replaces this with its own handlers (stop and unload, then exit 0).
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args))
     except HfTritonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("Stopped by SIGTERM.", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -59,3 +62,43 @@ def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
         text=True,
         timeout=timeout,
     )
+
+
+@dataclass
+class Background:
+    """`hf-triton ARGS` started now and collected later; its output goes to a file."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+
+    @classmethod
+    def start(cls, args: list[str], out: Path) -> Background:
+        with out.open("wb") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hf_triton.cli", *args],
+                cwd=PROJECT_ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        return cls(proc, out)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Wait for it (stopped past ``timeout``); stdout holds stdout and stderr."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        output = self.out.read_text(errors="replace")
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, output, "")
+
+    def stop(self) -> None:
+        """SIGTERM (its servers stop with it); kill only past a deadline. Not SIGINT: a shell
+        that runs the suite in the background starts it with SIGINT ignored."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -16,16 +16,19 @@ import pytest
 
 from hf_triton import conformance, families
 
-from helpers import run_cli
+from helpers import Background
 
 CASES = conformance.cases(quick=True)
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory) -> tuple[int, list[dict], Path]:
-    out = tmp_path_factory.mktemp("conformance")
-    run = run_cli("conformance", "--quick", "--out", str(out), timeout=1800)
-    assert (out / "conformance.json").exists(), run.stdout[-3000:] + run.stderr[-3000:]
+def matrix(conformance_run: Background | None) -> tuple[int, list[dict], Path]:
+    """The report of `hf-triton conformance --quick`, which the session started first
+    (conftest.conformance_run) so that it runs beside the other tests."""
+    assert conformance_run is not None
+    run = conformance_run.result(timeout=1800)
+    out = conformance_run.out.parent
+    assert (out / "conformance.json").exists(), run.stdout[-6000:]
     rows = json.loads((out / "conformance.json").read_text())["rows"]
     return run.returncode, rows, out
 

@@ -77,6 +77,7 @@ def test_client_timeout_leaves_the_server_serving(fault_server):
     np.testing.assert_array_equal(double(fault_server.url, np.array([[7.0]])), [[14.0]])
 
 
+@pytest.mark.timed
 def test_overload_is_refused_fast_and_accepted_answers_stay_right(fault_server):
     """10x the capacity of a model with a bounded queue: the excess gets 503 within
     milliseconds, accepted requests keep their latency bounded, nothing is answered wrong."""
@@ -121,14 +122,24 @@ def _stub_pids(root_pid: int, model: str) -> list[int]:
     ]
 
 
-def _shm_prefix(root_pid: int) -> str:
-    """The shared-memory prefix the launcher under ``root_pid`` gave its tritonserver."""
-    for _, argv in _argvs(root_pid):
-        for arg in argv:
-            found = re.search(rb"shm-region-prefix-name=(.+)", arg)
-            if found:
-                return found.group(1).decode()
-    raise AssertionError(f"no tritonserver with a shared-memory prefix under {root_pid}")
+def _shm_prefix(root_pid: int, timeout_s: float = 30.0) -> str:
+    """The shared-memory prefix the launcher under ``root_pid`` gave its tritonserver (waits
+    while the launcher starts or restarts one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for _, argv in _argvs(root_pid):
+            for arg in argv:
+                found = re.search(rb"shm-region-prefix-name=(.+)", arg)
+                if found:
+                    return found.group(1).decode()
+        assert time.monotonic() < deadline, f"no tritonserver under {root_pid}"
+        time.sleep(0.1)
+
+
+def _regions_of(prefix: str) -> set[str]:
+    """One server's regions in /dev/shm (other servers, e.g. the session's background
+    conformance run, come and go meanwhile)."""
+    return {r for r in shm_regions() if r.startswith(prefix)}
 
 
 def _wait_for(launched: Launched, text: str, timeout_s: float) -> None:
@@ -140,7 +151,6 @@ def _wait_for(launched: Launched, text: str, timeout_s: float) -> None:
 
 
 def test_model_that_keeps_dying_makes_the_launcher_give_up(tmp_path, tiny_checkpoint):
-    before = shm_regions()
     launched = launch(
         [DYING_REPOSITORY],
         tmp_path / "work",
@@ -148,6 +158,7 @@ def test_model_that_keeps_dying_makes_the_launcher_give_up(tmp_path, tiny_checkp
         extra=("--probe-interval-s", "1", "--max-restarts", "2"),
     )
     try:
+        prefix = _shm_prefix(launched.proc.pid)
         code = launched.proc.wait(180)
     finally:
         launched.stop()
@@ -155,9 +166,10 @@ def test_model_that_keeps_dying_makes_the_launcher_give_up(tmp_path, tiny_checkp
     assert code == 1, out
     assert out.count("recovered in") <= 2 and "restart #2 in a row" in out, out
     assert "error: giving up: 2 restarts in the last 600 s did not keep the models alive" in out
-    assert shm_regions() - before == set()
+    assert _regions_of(prefix) == set()
 
 
+@pytest.mark.timed
 def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_checkpoint):
     """A launcher told to stop while its models load stops, and leaves no shared memory."""
     import subprocess
@@ -165,7 +177,6 @@ def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_ch
 
     from hf_triton.server import free_port
 
-    before = shm_regions()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -190,15 +201,17 @@ def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_ch
     for line in proc.stdout:  # until tritonserver has been started
         if line.startswith("Starting Triton"):
             break
+    prefix = _shm_prefix(proc.pid)
     time.sleep(1.0)  # models are loading now
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(45)
     took = time.monotonic() - signalled
     assert code == 0 and took < 30 + 5, (code, took)
-    assert shm_regions() - before == set()
+    assert _regions_of(prefix) == set()
 
 
+@pytest.mark.timed
 def test_sigterm_during_recovery_stops_promptly(tmp_path, tiny_checkpoint):
     """Told to stop while it restarts a server whose stub died: it stops, within seconds."""
     launched = _launch(tmp_path, tiny_checkpoint, "--probe-interval-s", "1")
@@ -215,6 +228,7 @@ def test_sigterm_during_recovery_stops_promptly(tmp_path, tiny_checkpoint):
     assert code == 0 and took < 20, (code, took, launched.output())
 
 
+@pytest.mark.timed
 def test_idle_http_connection_holding_the_stop_is_named(tmp_path, tiny_checkpoint):
     """A client that keeps an idle keep-alive HTTP connection open holds Triton's drain for the
     whole exit timeout, after which it stops without unloading its models (exit code 1): the
@@ -241,8 +255,8 @@ def test_idle_http_connection_holding_the_stop_is_named(tmp_path, tiny_checkpoin
 
 
 def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
-    before = shm_regions()
     launched = _launch(tmp_path, tiny_checkpoint)
+    prefix = _shm_prefix(launched.proc.pid)
     n = 64
 
     def one(i: int) -> str:
@@ -264,8 +278,40 @@ def test_sigterm_under_load_answers_every_request(tmp_path, tiny_checkpoint):
     assert launched.proc.wait(90) == 0
     assert len(outcomes) == n and "wrong" not in outcomes and "dropped" not in outcomes, outcomes
     assert outcomes.count("ok") > 0, "nothing was in flight when SIGTERM arrived"
-    leftovers = shm_regions() - before
+    leftovers = _regions_of(prefix)
     assert not leftovers, f"/dev/shm leftovers after shutdown: {leftovers}"
+
+
+def test_sigterm_stops_a_command_and_the_server_it_started(tmp_path):
+    """`hf-triton conformance` (as bench and optimize) starts a server of its own: SIGTERM (a
+    cancelled CI job, `timeout`) stops that server and removes its /dev/shm regions, as
+    Ctrl-C does, instead of ending the command where it stands and leaving them behind."""
+    from helpers import Background
+
+    run = Background.start(
+        ["conformance", "--quick", "--families", "resnet", "--out", str(tmp_path / "out")],
+        tmp_path / "cli.out",
+    )
+    try:
+        prefix = _shm_prefix(run.proc.pid, timeout_s=300)  # tritonserver started
+        deadline = time.monotonic() + 120
+        while not _regions_of(prefix) and time.monotonic() < deadline:
+            time.sleep(0.2)  # until its stubs have their regions: there is something to clean
+        assert _regions_of(prefix), run.out.read_text()
+        tree = process_tree(run.proc.pid)
+        run.proc.send_signal(signal.SIGTERM)
+        code = run.proc.wait(90)
+    finally:
+        run.stop()
+    out = run.out.read_text()
+    assert code == 128 + signal.SIGTERM and "Stopped by SIGTERM." in out, (code, out)
+    deadline = time.monotonic() + 15  # stubs end with their server; init reaps them
+    while (left := [pid for pid in tree if Path(f"/proc/{pid}").exists()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert left == [], out
+    assert _regions_of(prefix) == set(), out
 
 
 @pytest.mark.destructive
