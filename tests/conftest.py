@@ -22,7 +22,7 @@ from hf_triton.checkpoints import build_vit_checkpoint
 from hf_triton.serve import DEFAULT_REPOSITORIES, PROJECT_ROOT
 from hf_triton.server import free_port
 
-from helpers import Background
+from helpers import Background, stop_process
 
 #: Same graph as ViT-base (patch embedding, encoder, pooler) at a fraction of the compute.
 TINY_VIT = dict(
@@ -139,13 +139,7 @@ class Launched:
 
     def stop(self) -> int:
         """SIGINT (Ctrl-C), as a user stops it; kill only past a deadline."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc, signal.SIGINT)
 
 
 def launch(

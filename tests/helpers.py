@@ -93,12 +93,17 @@ class Background:
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, output, "")
 
     def stop(self) -> None:
-        """SIGTERM (its servers stop with it); kill only past a deadline. Not SIGINT: a shell
-        that runs the suite in the background starts it with SIGINT ignored."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM: its servers stop with it. Not SIGINT: a shell that runs the suite in the
+        background starts it, and so this command, with SIGINT ignored."""
+        stop_process(self.proc, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen[bytes], signum: int, deadline_s: float = 60) -> int:
+    """Send ``signum`` to a process that is still running; kill it only past the deadline."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(deadline_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
