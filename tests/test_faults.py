@@ -341,8 +341,8 @@ def _kill_every_kind_and_recover(server, text: Launched, photo) -> None:
         m: send_text(text.url, m, ["A sentence."], "sentence_embedding")
         for m in ("python_minilm", "ensemble_minilm")
     }
-    prefixes = tuple(_shm_prefix(launched.proc.pid) for launched in (server.launched, text))
-    regions = {r for r in shm_regions() if r.startswith(prefixes)}
+    prefixes = [_shm_prefix(launched.proc.pid) for launched in (server.launched, text)]
+    regions = set().union(*map(_regions_of, prefixes))
     assert regions, prefixes
     kills = {
         server.process.pid: ["python_vit", "preprocessing", "vit"],
