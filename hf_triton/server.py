@@ -258,7 +258,14 @@ def _stub_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _die_with_parent() -> None:
+def _prepare_child() -> None:
+    """Run in the forked child before tritonserver starts."""
+    # tritonserver installs its SIGINT/SIGTERM handlers only once its models have loaded; until
+    # then the inherited disposition decides. A launcher started in the background by a
+    # non-interactive shell inherits SIGINT *ignored*, so a stop during loading was lost and
+    # the stop waited out its whole grace period. The default ends the server at once instead.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
     # PR_SET_PDEATHSIG: the server gets SIGTERM if the launcher dies, so no orphan keeps the ports.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -317,7 +324,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self.workdir,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_prepare_child,
         )
         log_file.close()
 
@@ -422,18 +429,40 @@ class TritonServer:
 
     def remove_shm_regions(self, grace_s: float = 5.0) -> list[Path]:
         """Remove the regions the stopped server left; stubs of a killed server remove their
-        own within seconds, so give them ``grace_s`` first. The removed paths."""
+        own within seconds, so give them ``grace_s`` first, then kill the ones still there.
+
+        A stub whose server exits while the stub is still loading its model can hang for good:
+        its health thread sees the parent gone and tears the stub down, which waits for the
+        GIL that the main thread holds while it waits for the dead parent's answer (seen with
+        the pip wheel's stub: orphans asleep for 17 minutes, each with its model in memory).
+        The removed paths."""
         deadline = time.monotonic() + grace_s
         while self.shm_regions() and time.monotonic() < deadline:
             if not any(_stub_alive(p) for p in self._stub_pids()):
                 break
             time.sleep(0.2)
+        self.kill_orphaned_stubs()
         removed = self.shm_regions()
         for path in removed:
             path.unlink(missing_ok=True)
         if removed:
             log.info("removed %d shared-memory region(s) left in %s", len(removed), SHM_DIR)
         return removed
+
+    def kill_orphaned_stubs(self, wait_s: float = 5.0) -> list[int]:
+        """SIGKILL this server's stubs that are still alive after it stopped; their pids."""
+        if self._proc is not None and self._proc.poll() is None:
+            return []  # the server runs: its stubs are its own business
+        stubs = [pid for pid in self._stub_pids() if _stub_alive(pid)]
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait_s
+        while any(_stub_alive(pid) for pid in stubs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stubs:
+            log.info("killed %d Python-backend stub(s) that outlived tritonserver", len(stubs))
+        return stubs
 
     def _stub_pids(self) -> list[int]:
         """Python-backend stubs started by this server that are still around."""

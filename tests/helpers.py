@@ -72,13 +72,15 @@ class Background:
     out: Path
 
     @classmethod
-    def start(cls, args: list[str], out: Path) -> Background:
+    def start(cls, args: list[str], out: Path, sigint_ignored: bool = False) -> Background:
+        """``sigint_ignored``: start it as a non-interactive shell starts a background job."""
         with out.open("wb") as f:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "hf_triton.cli", *args],
                 cwd=PROJECT_ROOT,
                 stdout=f,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_ignore_sigint if sigint_ignored else None,
             )
         return cls(proc, out)
 
@@ -96,6 +98,10 @@ class Background:
         """SIGTERM: its servers stop with it. Not SIGINT: a shell that runs the suite in the
         background starts it, and so this command, with SIGINT ignored."""
         stop_process(self.proc, signal.SIGTERM)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_process(proc: subprocess.Popen[bytes], signum: int, deadline_s: float = 60) -> int:
