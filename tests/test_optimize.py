@@ -151,21 +151,33 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-def test_fused_graph_is_exact_and_fused(tmp_path):
-    """The fused candidate: ONNX Runtime's transformer fusions on a real BERT export, same
-    inputs, same numbers as the unfused graph."""
+@pytest.mark.parametrize(
+    ("family", "task", "fused_ops"),
+    [
+        ("bert", "text-classification", {"Attention", "SkipLayerNormalization"}),
+        # ViT's attention (no mask) is not matched by ONNX Runtime's attention fusion; layer
+        # norms and GELU are.
+        ("vit", "image-feature-extraction", {"SkipLayerNormalization", "BiasGelu"}),
+    ],
+)
+def test_fused_graph_is_exact_and_fused(tmp_path, family, task, fused_ops):
+    """The fused candidate: ONNX Runtime's transformer fusions on a real export, same inputs,
+    same numbers as the unfused graph."""
     import onnxruntime as ort
 
     from hf_triton import export
     from hf_triton.spec import ModelSpec
 
-    checkpoint = FAMILIES["bert"].make(tmp_path / "bert", "text-classification")
+    checkpoint = FAMILIES[family].make(tmp_path / family, task)
     spec = ModelSpec.resolve(checkpoint)
     plain, fused = tmp_path / "plain.onnx", tmp_path / "fused.onnx"
     export.export_onnx(spec, plain)
     operators = optimize.fuse_onnx(spec, plain, fused)
-    assert operators.get("Attention") and operators.get("SkipLayerNormalization"), operators
-    feed = spec.encode(["A short one.", "Naïve café, a longer sentence with more tokens."])
+    assert fused_ops <= set(operators), operators
+    if spec.modality == "text":
+        feed = spec.encode(["A short one.", "Naïve café, a longer sentence with more tokens."])
+    else:
+        feed = spec.sample(2, 0)
     want, got = (
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
         for p in (plain, fused)
