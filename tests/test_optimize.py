@@ -108,9 +108,12 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     served = {k: statistics.median(by_key[k]["served"]) for k in asked}
     assert report["winner"] == max(served, key=served.get)
     assert [t["change"] for t in report["trials"]], "the winner was not tuned"
-    assert all(t["ratios"] for t in report["trials"])
+    assert all(t["ratios"] and len(t["served"]) == len(t["ratios"]) for t in report["trials"])
+    kept = [t for t in report["trials"] if t["kept"]]  # the tuned winner's served figure
+    assert report["tuned_served"] == (statistics.median(kept[-1]["served"]) if kept else 0.0)
     text = (out / "optimize_report.md").read_text()
     assert "**chosen**" in text and "skipped: not asked for" in text
+    assert ("x fp32 bare ONNX Runtime." in text.split("Tuning")[1]) is bool(kept), text
 
     # The written repository carries the tuned config and serves transformers' logits.
     winner, tuned = by_key[report["winner"]], report["tuned"]
