@@ -179,6 +179,7 @@ def _optimize(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         rounds=args.rounds,
         tune=[] if args.no_tune else args.tune,
+        finalists=args.finalists,
         workdir=args.workdir,
         options=build.BuildOptions(
             name=args.name,
@@ -674,6 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing (the ensemble's instances); default: all",
     )
     op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
+    op.add_argument(
+        "--finalists",
+        type=int,
+        default=2,
+        help="tune this many of the best candidates, then choose among them tuned "
+        "(default: %(default)s)",
+    )
     op.add_argument("--name", default="model", help="model name in the written repository")
     op.add_argument("--preprocessing-name", default="preprocessing")
     op.add_argument("--ensemble-name", default="ensemble_model")
