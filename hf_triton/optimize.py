@@ -54,6 +54,7 @@ class Candidate:
     #: Finalists only: served items/s in the tuned config, in rounds alternating with the
     #: other finalists (what the final choice compares).
     tuned_served: list[float] = field(default_factory=list)
+    tuned_config: str = ""  # the finalist's kept changes, for the report
 
     @property
     def runtime(self) -> str:
@@ -66,8 +67,6 @@ class Candidate:
     @property
     def measured(self) -> bool:
         return bool(self.served) and not self.check.startswith("MISMATCH")
-
-    tuned_config: str = ""  # the finalist's tuned changes, for the report
 
     def median(self, values: list[float]) -> float:
         return statistics.median(values) if values else 0.0
