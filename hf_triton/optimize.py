@@ -504,6 +504,12 @@ def tune(
     return best, trials
 
 
+def _rotated(candidates: list[Candidate], round_: int) -> list[Candidate]:
+    """``candidates`` starting at a different one each round: none always runs first."""
+    shift = round_ % len(candidates)
+    return candidates[shift:] + candidates[:shift]
+
+
 def final_round(
     url: str,
     finalists: list[Candidate],
@@ -515,8 +521,7 @@ def final_round(
     """Measure the tuned finalists served, in rounds that alternate them (the order rotates),
     into ``c.tuned_served``."""
     for round_ in range(options.rounds):
-        shift = round_ % len(finalists)
-        for c in finalists[shift:] + finalists[:shift]:
+        for c in _rotated(finalists, round_):
             result = _served(url, by_key[c.key], options.concurrency, example, options.settings)
             if result.errors:
                 raise OptimizeError(f"{c.entry_model}: requests failed in the final round")
@@ -613,8 +618,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
             )
             progress(f"{c.key}: served answer {c.check}")
         for round_ in range(options.rounds):
-            order = built[round_ % len(built) :] + built[: round_ % len(built)]
-            for c in order:
+            for c in _rotated(built, round_):
                 progress(f"round {round_ + 1}/{options.rounds}: {c.key}")
                 _measure_round(
                     url, c, by_key[c.key], bares[c.key], examples, options.concurrency, settings
@@ -644,8 +648,8 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
                     machine.cores,
                     progress,
                 )
-                c.tuned_config = ", ".join(t.change for t in results[c.key][1] if t.kept)
-                c.tuned_config = c.tuned_config or "as built"
+                kept = [t.change for t in results[c.key][1] if t.kept]
+                c.tuned_config = ", ".join(kept) or "as built"
             if len(finalists) > 1:
                 final_round(url, finalists, by_key, first, options, progress)
                 winner = max(finalists, key=lambda c: c.median(c.tuned_served))

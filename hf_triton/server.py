@@ -250,7 +250,8 @@ class ServerConfig:
 SHM_DIR = Path("/dev/shm")
 
 
-def _stub_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` is there and not a zombie (one that has ended, not yet reaped)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -456,7 +457,7 @@ class TritonServer:
         The removed paths."""
         deadline = time.monotonic() + grace_s
         while self.shm_regions() and time.monotonic() < deadline:
-            if not any(_stub_alive(p) for p in self._stub_pids()):
+            if not any(process_running(p) for p in self._stub_pids()):
                 break
             time.sleep(0.2)
         self.kill_orphaned_stubs()
@@ -471,12 +472,12 @@ class TritonServer:
         """SIGKILL this server's stubs that are still alive after it stopped; their pids."""
         if self._proc is not None and self._proc.poll() is None:
             return []  # the server runs: its stubs are its own business
-        stubs = [pid for pid in self._stub_pids() if _stub_alive(pid)]
+        stubs = [pid for pid in self._stub_pids() if process_running(pid)]
         for pid in stubs:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + wait_s
-        while any(_stub_alive(pid) for pid in stubs) and time.monotonic() < deadline:
+        while any(process_running(pid) for pid in stubs) and time.monotonic() < deadline:
             time.sleep(0.05)
         if stubs:
             log.info("killed %d Python-backend stub(s) that outlived tritonserver", len(stubs))

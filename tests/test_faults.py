@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from hf_triton import soak
+from hf_triton.server import process_running
 from hf_triton.soak import process_tree, run_soak, shm_regions
 
 from conftest import PROJECT_ROOT, Launched, launch
@@ -172,9 +175,6 @@ def test_model_that_keeps_dying_makes_the_launcher_give_up(tmp_path, tiny_checkp
 @pytest.mark.timed
 def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_checkpoint):
     """A launcher told to stop while its models load stops, and leaves no shared memory."""
-    import subprocess
-    import sys
-
     from hf_triton.server import free_port
 
     proc = subprocess.Popen(
@@ -203,10 +203,7 @@ def test_sigterm_during_start_up_stops_within_the_exit_timeout(tmp_path, tiny_ch
             break
     prefix = _shm_prefix(proc.pid)
     time.sleep(1.0)  # models are loading now
-    signalled = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(45)
-    took = time.monotonic() - signalled
+    code, took = _sigterm(proc, 45)
     log = (tmp_path / "work" / "tritonserver.log").read_text(errors="replace")
     assert code == 0 and took < 30 + 5, (code, took, log[-3000:])
     assert _regions_of(prefix) == set()
@@ -229,15 +226,15 @@ class TritonPythonModel:
 
 def _running(pids: list[int]) -> list[int]:
     """The ``pids`` that still run (a zombie has ended; init reaps it)."""
-    left = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            left.append(pid)
-    return left
+    return [pid for pid in pids if process_running(pid)]
+
+
+def _sigterm(proc: subprocess.Popen, timeout_s: float) -> tuple[int, float]:
+    """SIGTERM ``proc``: its exit code, and the seconds it took to exit."""
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout_s)
+    return code, time.monotonic() - signalled
 
 
 def test_sigterm_while_a_model_loads_leaves_no_stub(tmp_path):
@@ -245,9 +242,6 @@ def test_sigterm_while_a_model_loads_leaves_no_stub(tmp_path):
     signal handlers until its models have loaded, so the launcher's SIGINT ends it at once, and
     the stub it leaves behind is killed and its shared memory removed: a stub whose server dies
     while it holds the GIL hangs for good (before: it stayed, with its model in memory)."""
-    import subprocess
-    import sys
-
     from hf_triton.server import free_port
 
     model = tmp_path / "repository" / "loads_slowly"
@@ -279,10 +273,8 @@ def test_sigterm_while_a_model_loads_leaves_no_stub(tmp_path):
             assert proc.poll() is None, proc.communicate()[0]
             time.sleep(0.1)
         tree = process_tree(proc.pid)
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - signalled
+        _, took = _sigterm(proc, 60)
+        out = proc.communicate()[0]
         left = _running(tree)
     finally:
         for pid in _running(tree):  # what a failure leaves: no stub outlives the test
@@ -304,10 +296,7 @@ def test_sigterm_during_recovery_stops_promptly(tmp_path, tiny_checkpoint):
         double(launched.url, np.array([[1.0]]))
         os.kill(_stub_pids(launched.proc.pid, "faulty")[0], signal.SIGKILL)
         _wait_for(launched, "unhealthy:", timeout_s=30)
-        signalled = time.monotonic()
-        launched.proc.send_signal(signal.SIGTERM)
-        code = launched.proc.wait(45)
-        took = time.monotonic() - signalled
+        code, took = _sigterm(launched.proc, 45)
     finally:
         launched.stop()
     assert code == 0 and took < 20, (code, took, launched.output())
@@ -389,10 +378,7 @@ def test_sigterm_stops_a_command_and_the_server_it_started(tmp_path):
             time.sleep(0.2)  # until its stubs have their regions: there is something to clean
         assert _regions_of(prefix), run.out.read_text()
         tree = process_tree(run.proc.pid)
-        signalled = time.monotonic()
-        run.proc.send_signal(signal.SIGTERM)
-        code = run.proc.wait(90)
-        took = time.monotonic() - signalled
+        code, took = _sigterm(run.proc, 90)
     finally:
         run.stop()
     out = run.out.read_text()
