@@ -339,6 +339,7 @@ class Target:
     onnx: Path | None = None  # the ensemble's model.onnx (bare ONNX Runtime)
     tower: str | None = None  # "image" or "text": that tower of an image-text model
     device: str = "cpu"  # where the Python pipeline runs ("cuda:N" for KIND_GPU): bare runs there
+    max_batch: int = 0  # the entry model's max_batch_size: the largest batch serving can form
 
     @property
     def bare(self) -> str:
@@ -406,6 +407,7 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
                     onnx,
                     tower,
                     device,
+                    int(config.get("max_batch_size", 0)),
                 )
             )
         if callers:
@@ -517,6 +519,13 @@ class Bare:
 
     def feed(self, examples: list[Any]) -> dict[str, np.ndarray]:
         return self.spec.encode(examples)
+
+
+def bare_batches(target: Target, concurrency: list[int]) -> list[int]:
+    """Bare batch 1 (latency) and the largest batch the served model can run at the largest
+    concurrency measured: more than its max_batch_size (0: no batching) is nothing serving
+    could match."""
+    return sorted({1, min(max(concurrency), max(target.max_batch, 1))})
 
 
 def bench_bare(bare: Bare, examples: list[Any], batch: int, settings: BenchSettings) -> Result:
@@ -1165,7 +1174,7 @@ def _measure_targets(
             )
             if key not in bares:
                 bares[key] = Bare(target)
-                for batch in sorted({1, max(settings.concurrency)}):
+                for batch in bare_batches(target, settings.concurrency):
                     on = "" if target.device == "cpu" else f" on {target.device}"
                     progress(f"{target.bare} {target.precision} batch {batch}{on} ({target.model})")
                     results.append(bench_bare(bares[key], examples, batch, settings))

@@ -43,6 +43,14 @@ def test_bare_compute_runs_on_the_calling_thread_and_counts_items_per_call():
     assert latencies and all(0.01 <= lat < 0.1 for lat in latencies)
 
 
+def test_bare_batch_is_capped_at_what_serving_can_form():
+    target = bench.Target("m", "python", "image", "fp32", Path("."), ["m"], max_batch=8)
+    assert bench.bare_batches(target, [1, 8, 16]) == [1, 8]
+    assert bench.bare_batches(target, [4]) == [1, 4]
+    unbatched = bench.Target("m", "python", "image", "fp32", Path("."), ["m"], max_batch=0)
+    assert bench.bare_batches(unbatched, [1, 16]) == [1]  # max_batch_size 0: no batching
+
+
 #: Seconds, not minutes: short windows, few requests per window, at most three windows.
 QUICK = ["--window-s", "0.3", "--min-requests", "3", "--warmup-s", "0.2", "--max-windows", "3"]
 
