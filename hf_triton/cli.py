@@ -301,6 +301,7 @@ def _build(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
+        onnx_spin_within_run=args.onnx_spin_within_run,
         preferred_batch_size=args.preferred_batch_size,
         instance_kind=args.instance_kind,
     )
@@ -516,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         "your clients keep in flight; default 0: none)",
     )
     bu.add_argument(
+        "--onnx-spin-within-run",
+        action="store_true",
+        help="ONNX steps: ONNX Runtime's threads spin between the operators of a request and "
+        "sleep after it (default: they always sleep while waiting); faster for large models, "
+        "slower for small ones: hf-triton optimize measures it",
+    )
+    bu.add_argument(
         "--queue-timeout-ms",
         type=int,
         default=10_000,
@@ -668,11 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--tune",
         type=_csv(str),
-        default=["instances", "delay", "batch", "preprocessing"],
+        default=["instances", "spin", "delay", "batch", "preprocessing"],
         help="knobs to search for the winner, in this order: instances (ONNX Runtime or "
-        "PyTorch threads split between them), delay (the batcher's), batch (a preferred batch "
-        "size: what each instance gets when every client has a request in flight), "
-        "preprocessing (the ensemble's instances); default: all",
+        "PyTorch threads split between them), spin (ONNX Runtime's threads spin within a "
+        "request), delay (the batcher's), batch (a preferred batch size: what each instance "
+        "gets when every client has a request in flight), preprocessing (the ensemble's "
+        "instances); default: all",
     )
     op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
     op.add_argument(

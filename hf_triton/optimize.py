@@ -85,10 +85,11 @@ CANDIDATES = (
 YARDSTICK = "fp32-onnxruntime"
 
 #: What tuning searches, in this order: instances (with ONNX Runtime's or PyTorch's threads
-#: split), the batcher's delay, a preferred batch size (the requests each instance gets when
-#: every client has one in flight: it goes at once instead of waiting out the delay), the
-#: ensemble's preprocessing instances.
-KNOBS = ("instances", "delay", "batch", "preprocessing")
+#: split), ONNX Runtime's threads spinning within a run (the ONNX step), the batcher's delay,
+#: a preferred batch size (the requests each instance gets when every client has one in
+#: flight: it goes at once instead of waiting out the delay), the ensemble's preprocessing
+#: instances.
+KNOBS = ("instances", "spin", "delay", "batch", "preprocessing")
 
 
 def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> list[Candidate]:
@@ -382,7 +383,8 @@ class _Reloader:
 
     def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
         """``values``: instances / preprocessing_instances / intra_op_threads / torch_threads /
-        max_queue_delay_us / preferred_batch_size; ``models``: role -> served model name."""
+        onnx_spin_within_run / max_queue_delay_us / preferred_batch_size; ``models``: role ->
+        served model name."""
         for role, model in models.items():
             config = self.config(model)
             count = values["instances" if role != "preprocessing" else "preprocessing_instances"]
@@ -398,6 +400,12 @@ class _Reloader:
                 threads = values["intra_op_threads"]
                 params = config.setdefault("parameters", {})
                 params["intra_op_thread_count"] = {"string_value": str(threads)}
+                for key in (build.ONNX_NO_SPINNING, build.ONNX_SPIN_STOP):
+                    params.pop(key, None)
+                if values["onnx_spin_within_run"]:
+                    params[build.ONNX_SPIN_STOP] = {"string_value": "1"}
+                else:
+                    params[build.ONNX_NO_SPINNING] = {"string_value": "0"}
             if role == "python":
                 params = config.setdefault("parameters", {})
                 params["torch_threads"] = {"string_value": str(values["torch_threads"])}
@@ -424,6 +432,8 @@ def _trial(
         threads = "torch_threads" if c.approach == "python" else "intra_op_threads"
         kind = "torch threads" if c.approach == "python" else "threads"
         return f"2 instances x {split} {kind}", {"instances": 2, threads: split}
+    if knob == "spin" and c.approach == "ensemble":
+        return "ONNX Runtime's threads spin within a request", {"onnx_spin_within_run": 1}
     if knob == "delay":
         return "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}
     if knob == "batch":
@@ -461,6 +471,7 @@ def tune(
         "preprocessing_instances": 1,
         "intra_op_threads": 0,
         "torch_threads": 0,
+        "onnx_spin_within_run": int(options.options.onnx_spin_within_run),
         "max_queue_delay_us": options.options.max_queue_delay_us,
         "preferred_batch_size": options.options.preferred_batch_size,
     }

@@ -91,7 +91,7 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
         "--name",
         "cls",
         "--tune",
-        "instances,batch",  # the reload path; each knob more is two reloads more
+        "instances,spin,batch",  # the reload path; each knob more is two reloads more
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "optimize_report.json").read_text())
@@ -132,6 +132,10 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     assert any(t["change"].startswith("preferred batch of ") for t in report["trials"])
     preferred = tuned["preferred_batch_size"]
     assert (f"preferred_batch_size: [ {preferred} ]" in config) is bool(preferred), config
+    if winner["approach"] == "ensemble":  # int8 ONNX Runtime: the spin knob was tried on it
+        assert any(t["change"].startswith("ONNX Runtime's threads spin") for t in report["trials"])
+        spins = '"session.force_spinning_stop"' in config
+        assert spins is bool(tuned["onnx_spin_within_run"]) is ("allow_spinning" not in config)
     threads = "torch_threads" if winner["approach"] == "python" else "intra_op_thread_count"
     kept = tuned["torch_threads" if winner["approach"] == "python" else "intra_op_threads"]
     assert f'string_value: "{kept}"' in config.split(f'key: "{threads}"')[1].split("}")[0]
@@ -220,6 +224,13 @@ def test_preprocessing_knob_is_for_the_ensemble_only():
     assert optimize._trial("preprocessing", ensemble, 2, {}, 8, 8)[1] == {
         "preprocessing_instances": 2
     }
+
+
+def test_spin_knob_is_for_the_onnx_step_only():
+    python = optimize.Candidate("x", "bf16", "python")
+    assert optimize._trial("spin", python, 2, {}, 8, 8) is None
+    ensemble = optimize.Candidate("x", "int8", "ensemble")
+    assert optimize._trial("spin", ensemble, 2, {}, 8, 8)[1] == {"onnx_spin_within_run": 1}
 
 
 def test_preferred_batch_size_is_written_loaded_and_served(tmp_path, tiny_checkpoint):

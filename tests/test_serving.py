@@ -135,3 +135,30 @@ def test_liveness_probe_passes_on_a_healthy_server(server, monkeypatch):
     url = f"http://{server.url}"
     assert probe.main(["--url", url, "python_vit", "ensemble_model", "vit"]) == 0
     assert probe.main(["--url", url, "--all", "--admin-key-env", "HF_TRITON_TEST_KEY"]) == 0
+
+
+def test_onnx_step_may_spin_within_a_request_and_serves_the_same(
+    tmp_path, tiny_checkpoint, reference, photo
+):
+    """`build --onnx-spin-within-run` (what `optimize` may choose): ONNX Runtime's threads spin
+    between a request's operators and stop when it ends; the backend applies it, the answers
+    stay transformers'."""
+    from conftest import launch
+
+    out = tmp_path / "built"
+    args = ["--model", str(tiny_checkpoint), "--out", str(out), "--approach", "ensemble"]
+    run = run_cli("build", *args, "--onnx-spin-within-run", timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = (out / "ensemble_model_repository" / "vit" / "config.pbtxt").read_text()
+    assert '"session.force_spinning_stop"' in config and "allow_spinning" not in config
+    launched = launch([out / "ensemble_model_repository"], tmp_path / "work", tiny_checkpoint)
+    try:
+        assert "session.force_spinning_stop=1" in launched.log()
+        images = np.stack([photo, synthetic(2, *photo.shape[:2])])
+        assert_close(
+            infer(launched.url, "ensemble_model", images),
+            reference(list(images)),
+            ATOL["ensemble_model"],
+        )
+    finally:
+        assert launched.stop() == 0
