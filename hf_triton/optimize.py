@@ -740,9 +740,14 @@ def plot(report: OptimizeReport, path: Path) -> Path | None:
     base = report.yardstick() or 1.0
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(measured))
-    for offset, side in ((-0.2, "bare"), (0.2, "served")):
-        heights = [c.median(getattr(c, side)) / base for c in measured]
-        ax.bar([x + offset for x in xs], heights, 0.4, label=side)
+    sides = [("bare", "bare"), ("served", "served"), ("tuned_served", "served, tuned")]
+    if not any(c.tuned_served for c in measured):
+        sides.pop()
+    width = 0.8 / len(sides)
+    for i, (side, label) in enumerate(sides):
+        heights = [c.median(getattr(c, side)) / base for c in measured]  # 0: not tuned
+        offset = (i - (len(sides) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], heights, width, label=label)
     ax.set_xticks(list(xs), [c.key for c in measured], rotation=20)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_ylabel("÷ fp32 bare ONNX Runtime")
