@@ -688,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--finalists",
         type=int,
         default=2,
-        help="tune this many of the best candidates, then choose among them tuned "
-        "(default: %(default)s)",
+        help="tune the best this many candidates served and the best this many bare, then "
+        "choose among them tuned (default: %(default)s)",
     )
     op.add_argument("--name", default="model", help="model name in the written repository")
     op.add_argument("--preprocessing-name", default="preprocessing")

@@ -226,6 +226,25 @@ def test_preprocessing_knob_is_for_the_ensemble_only():
     }
 
 
+def test_finalists_are_the_best_served_and_the_best_bare():
+    def candidate(key: str, served: float, bare: float) -> optimize.Candidate:
+        c = optimize.Candidate(key, "fp32", "ensemble")
+        c.served, c.bare = [served, served], [bare, bare]
+        return c
+
+    # MiniLM-like: one instance serves all within the noise, bare tells them apart.
+    fused, bf16, int8, fp32 = (
+        candidate("fused", 412, 793),
+        candidate("bf16", 408, 1002),
+        candidate("int8", 386, 1468),
+        candidate("fp32", 397, 833),
+    )
+    picked = optimize.select_finalists([fp32, fused, int8, bf16], 2)
+    assert [c.key for c in picked] == ["fused", "bf16", "int8"]
+    # ViT-base-like: served and bare agree, so no extra finalist.
+    assert optimize.select_finalists([fp32, bf16], 1) == [bf16]
+
+
 def test_spin_knob_is_for_the_onnx_step_only():
     python = optimize.Candidate("x", "bf16", "python")
     assert optimize._trial("spin", python, 2, {}, 8, 8) is None
