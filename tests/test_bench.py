@@ -38,9 +38,11 @@ def test_bare_compute_runs_on_the_calling_thread_and_counts_items_per_call():
     windows, latencies, errors, _ = bench.measure_blocking(forward, settings, items_per_call=4)
     assert callers == {threading.get_ident()}
     assert 3 <= len(windows) <= 4 and errors == 0
-    # ~10 ms per call of 4 items: at most 400 items/s, and not far below on any window
-    assert all(150 < w <= 400 for w in windows), windows
-    assert latencies and all(0.01 <= lat < 0.1 for lat in latencies)
+    # Each call is >= 10 ms (sleep never returns early) and counts 4 items: a window holds
+    # back-to-back calls, so its rate is 4 per call's latency -- whatever the machine's load.
+    assert latencies and all(lat >= 0.01 for lat in latencies)
+    lo, hi = min(latencies), max(latencies)
+    assert all(0.5 * 4 / hi < w <= 1.05 * 4 / lo for w in windows[-3:]), (windows, lo, hi)
 
 
 def test_bare_batch_is_capped_at_what_serving_can_form():
