@@ -45,6 +45,26 @@ ONNX_NO_SPINNING = "session.intra_op.allow_spinning"
 ONNX_SPIN_STOP = "session.force_spinning_stop"
 
 
+def onnx_spin_parameter(within_run: bool) -> tuple[str, str, str]:
+    """The ONNX step's spinning setting as (ONNX Runtime session key, value, comment): its
+    threads sleep whenever they wait (the default), or spin within a run and stop after it."""
+    if within_run:
+        return (
+            ONNX_SPIN_STOP,
+            "1",
+            "ONNX Runtime's own session option, read by the Python-based backend:\n"
+            "its threads spin between the operators of a run and sleep once it ends\n"
+            '(left spinning after it, they stalled requests by ~0.5 s; README,\n"Throughput").',
+        )
+    return (
+        ONNX_NO_SPINNING,
+        "0",
+        "ONNX Runtime's own session option, read by the Python-based backend: its\n"
+        "threads sleep while they wait for work. Left spinning, they stalled\n"
+        'requests by ~0.5 s on a 2-core CPU (README, "Throughput").',
+    )
+
+
 @dataclass
 class BuildOptions:
     name: str = "vit"
@@ -810,24 +830,7 @@ def _write_onnx_config(
                     "Read by the Python-based backend; the native "
                     "one takes `optimization { graph { level } }`.",
                 ),
-                (
-                    (
-                        ONNX_SPIN_STOP,
-                        "1",
-                        "ONNX Runtime's own session option, read by the Python-based backend:\n"
-                        "its threads spin between the operators of a run and sleep once it ends\n"
-                        "(left spinning after it, they stalled requests by ~0.5 s; README,\n"
-                        '"Throughput").',
-                    )
-                    if options.onnx_spin_within_run
-                    else (
-                        ONNX_NO_SPINNING,
-                        "0",
-                        "ONNX Runtime's own session option, read by the Python-based backend: its\n"
-                        "threads sleep while they wait for work. Left spinning, they stalled\n"
-                        'requests by ~0.5 s on a 2-core CPU (README, "Throughput").',
-                    )
-                ),
+                onnx_spin_parameter(options.onnx_spin_within_run),
                 *(
                     [(export.TOWER_PARAMETER, tower, "The image-text model's tower.")]
                     if tower

@@ -404,10 +404,8 @@ class _Reloader:
                 params["intra_op_thread_count"] = {"string_value": str(threads)}
                 for key in (build.ONNX_NO_SPINNING, build.ONNX_SPIN_STOP):
                     params.pop(key, None)
-                if values["onnx_spin_within_run"]:
-                    params[build.ONNX_SPIN_STOP] = {"string_value": "1"}
-                else:
-                    params[build.ONNX_NO_SPINNING] = {"string_value": "0"}
+                key, value, _ = build.onnx_spin_parameter(bool(values["onnx_spin_within_run"]))
+                params[key] = {"string_value": value}
             if role == "python":
                 params = config.setdefault("parameters", {})
                 params["torch_threads"] = {"string_value": str(values["torch_threads"])}
