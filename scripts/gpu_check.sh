@@ -23,8 +23,8 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}  # stop starting steps after this; each step also has its own limit
 WORK=${WORK:-/tmp/hf_triton_gpu}
-SITE=$WORK/site
-rm -rf "$WORK" && mkdir -p "$WORK/logs" "$SITE"
+VENV=$WORK/venv
+rm -rf "$WORK" && mkdir -p "$WORK/logs"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 failed=0
 step() { echo; echo "== [$(date +%T), ${SECONDS}s] $*"; }
@@ -56,21 +56,35 @@ for name in ("onnxruntime", "protobuf", "grpcio", "pillow", "pytest"):
 EOF
 ls -l /usr/lib/x86_64-linux-gnu/libpython3* 2>/dev/null || echo "no libpython3 in /usr/lib/x86_64-linux-gnu"
 
-step "2. install .gpu/ into $SITE"
+step "2. a private venv: .gpu/ first, then this machine's own packages"
 if [ ! -f .gpu/site.tar.xz ]; then
   echo ".gpu/site.tar.xz missing: run scripts/gpu_pack.sh where pip works, and carry .gpu"
   exit 99
 fi
+# A venv, not PYTHONPATH: the Python-backend stub runs an isolated interpreter (environment
+# ignored) whose packages are those of the first python3 on PATH, and it needs numpy < 2.
+# Made from the base interpreter, so its libpython is the one the stub links.
+BASE=$("$PY" -c 'import sys; print(getattr(sys, "_base_executable", sys.executable))')
+"$BASE" -m venv --without-pip "$VENV" || exit 98
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 tar -C "$SITE" -xJf .gpu/site.tar.xz &&
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu/*.whl ||
   failed=$((failed + 1))
-# The machine's own packages (torch, transformers) named too: the Python-backend stubs get
-# this path whatever prefix their embedded interpreter computes.
-OWN=$("$PY" -c 'import site; print(":".join(site.getsitepackages()))')
-export PYTHONPATH="$SITE:$PWD:$OWN${PYTHONPATH:+:$PYTHONPATH}"
-echo "PYTHONPATH=$PYTHONPATH"
+cp scripts/gpu_hide_scipy.py "$SITE/"
+"$PY" - "$SITE" <<'EOF'
+import site, sys
+own = [d for d in site.getsitepackages() if d != sys.argv[1]]
+with open(f"{sys.argv[1]}/00_gpu_check.pth", "w") as f:  # .pth files run in name order
+    f.write("import gpu_hide_scipy\n")
+    # after .gpu/'s packages, with the machine's own .pth files processed too
+    f.write(f"import site; list(map(site.addsitedir, {own!r}))\n")
+EOF
+cat "$SITE/00_gpu_check.pth"
+PY=$VENV/bin/python
+export PATH="$VENV/bin:$PATH" PYTHONPATH="$PWD"
+echo "python now: $PY"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-"$PY" -c "import numpy, tritonclient.http; print('numpy now', numpy.__version__)"
+"$PY" -c "import numpy, tritonclient.http, transformers; print('numpy now', numpy.__version__, numpy.__file__); from transformers import BertModel, ViTModel, ViTImageProcessor"
 # gRPC's generated code needs a protobuf runtime at least as new as its own: use HTTP where not.
 PROTOCOL=grpc
 "$PY" -c "import tritonclient.grpc" || { PROTOCOL=http; echo "tritonclient.grpc fails here: HTTP"; }
