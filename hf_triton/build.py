@@ -381,6 +381,10 @@ def build(
         raise tasks.UnsupportedModel(
             f"--threshold {options.threshold}: a detection score is between 0 and 1"
         )
+    if options.instances < 1 or options.preprocessing_instances < 1:
+        raise tasks.UnsupportedModel(
+            f"--instances {options.instances}: 1 or more instances of the model that computes"
+        )
     if options.top_k < 0:
         raise tasks.UnsupportedModel(
             f"--top-k {options.top_k}: the number of detections to keep, >= 0 (0: all)"
@@ -803,7 +807,7 @@ def _write_onnx_config(
             'more instances on a small CPU only oversubscribe them (see README, "Throughput").'
             if options.instances == 1
             else f"{options.instances} instances of {options.intra_op_threads or 'all'} "
-            "threads each: measured faster here\n(hf-triton optimize).",
+            "threads each: --instances, or measured\nfaster here by hf-triton optimize.",
             options.instances,
         ),
         "",

@@ -304,6 +304,7 @@ def _build(args: argparse.Namespace) -> int:
         onnx_spin_within_run=args.onnx_spin_within_run,
         preferred_batch_size=args.preferred_batch_size,
         instance_kind=args.instance_kind,
+        instances=args.instances,
     )
     result = build.build(spec, args.out, args.approach, options, export_onnx=not args.no_export)
     print(f"Task: {result.task.name} ({result.task.description})")
@@ -548,6 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="KIND_CPU",
         help="where the Python pipeline runs (default: %(default)s); KIND_GPU moves the model "
         "to the instance's GPU (fp16 needs it). The ensemble's ONNX step stays KIND_CPU",
+    )
+    bu.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="instances of the model that computes (the Python pipeline or the ONNX step; "
+        "Triton's instance_group count; default: %(default)s). On a CPU more instances share "
+        "its cores (hf-triton optimize measures how many pay); on a GPU they overlap one "
+        "request's CPU work with another's GPU work",
     )
     bu.add_argument("--no-export", action="store_true", help="skip model.onnx")
     bu.add_argument("--serve", action="store_true", help="serve the result right away")

@@ -7,14 +7,16 @@
 #   OUT=gpu-out scripts/gpu_check.sh
 # Steps (each logs to $OUT; a failed step does not stop the next):
 #   1. the machine: GPU, Python, libraries, the libpython the Python-backend stub needs
-#   2. install .gpu/ into a private directory (PYTHONPATH; nothing else is touched)
+#   2. a private venv: .gpu/ (the server, numpy 1.26) first, then the machine's own packages
 #   3. tests/test_gpu.py through the real server (KIND_GPU vision and text, fp32 and fp16,
 #      against the CPU); where the stub cannot start, scripts/gpu_harness.py instead
 #   4. bare PyTorch fp32/fp16, ViT-base and MiniLM's architecture, batch 1/8/32/64
 #   5. served ViT-base (stand-in) python_vit fp16 on the GPU, concurrency 1/8/32, with
 #      `hf-triton bench` (bare PyTorch fp16 on the same GPU for the serving tax)
+#   6. the same served with 1, 2 and 4 GPU instances, concurrency 8/32/64
+# STEPS=3,6 runs only those of steps 3-6 (1 and 2 always run).
 # Results: $OUT/gpu_check.log (everything), test_gpu.txt, bare.json, bench.json, bench.txt,
-# logs.tgz (server logs). Exit status: the number of failed steps.
+# bench_instances.json/.txt, logs.tgz (server logs). Exit status: the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -27,6 +29,8 @@ VENV=$WORK/venv
 rm -rf "$WORK" && mkdir -p "$WORK/logs"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 failed=0
+STEPS=${STEPS:-3,4,5,6}  # steps 1 and 2 always run
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() { echo; echo "== [$(date +%T), ${SECONDS}s] $*"; }
 left() { local l=$((BUDGET_S - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
 run() {  # run LIMIT_S CMD...: a step with a time limit; counts failures
@@ -93,6 +97,7 @@ STUB_OK=0
   STUB_OK=1
 echo "Python-backend stub can start here: $STUB_OK"
 
+if want 3; then
 step "3. KIND_GPU models against the CPU"
 if [ "$STUB_OK" = 1 ]; then
   run 240 "$PY" -m pytest tests/test_gpu.py -v -p no:cacheprovider -m gpu \
@@ -107,10 +112,14 @@ else
   run 180 "$PY" scripts/gpu_harness.py "$WORK/harness" 2>&1 | tee "$OUT/test_gpu.txt"
   [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$((failed + 1))
 fi
+fi
 
+if want 4; then
 step "4. bare PyTorch on the GPU"
 run 150 "$PY" scripts/gpu_bare.py --out "$OUT/bare.json" --workdir "$WORK/bare"
+fi
 
+if want 5; then
 step "5. served ViT-base python_vit fp16 on the GPU, hf-triton bench"
 if [ "$STUB_OK" = 1 ]; then
   run 120 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
@@ -125,6 +134,34 @@ if [ "$STUB_OK" = 1 ]; then
   cp "$WORK/bench/report.txt" "$OUT/bench.txt" 2>/dev/null || true
 else
   echo "skipped: the real server cannot run here"
+fi
+fi
+
+if want 6; then
+step "6. served ViT-base fp16 with 1, 2 and 4 GPU instances (the CPU work of one overlaps another's GPU work)"
+if [ "$STUB_OK" = 1 ]; then
+  build_i() {
+    run 150 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
+      --approach python --no-export --name "vit_fp16_i$1" --precision fp16 \
+      --instance-kind KIND_GPU --instances "$1" --max-batch-size 32 --max-queue-delay-us 1000 \
+      --out "$WORK/instances/i$1" --workdir "$WORK/hf" >"$WORK/logs/build_i$1.log" 2>&1
+  }
+  build_i 1  # first alone: it may make the stand-in weights the others read
+  build_i 2 & p2=$!
+  build_i 4 & p4=$!
+  wait "$p2" "$p4"  # not a bare `wait`: it would wait for the log's tee too
+  tail -n 2 "$WORK"/logs/build_i*.log
+  run 240 "$PY" -m hf_triton.cli bench --workdir "$WORK/hf6" \
+    --model-repository "$WORK/instances/i1/python_model_repository" \
+    --model-repository "$WORK/instances/i2/python_model_repository" \
+    --model-repository "$WORK/instances/i4/python_model_repository" \
+    --formats uint8 --concurrency 8,32,64 --protocol "$PROTOCOL" --tax-rounds 1 --window-s 1.5 \
+    --warmup-s 1 --max-windows 3 --out "$WORK/bench6" &&
+    cp "$WORK/bench6/results.json" "$OUT/bench_instances.json"
+  cp "$WORK/bench6/report.txt" "$OUT/bench_instances.txt" 2>/dev/null || true
+else
+  echo "skipped: the real server cannot run here"
+fi
 fi
 
 step "done: $failed failed step(s) in ${SECONDS}s"

@@ -207,3 +207,25 @@ def test_unbounded_queue_writes_no_queue_policy_so_triton_can_prefetch(tmp_path,
     assert not read_config(tmp_path / "open" / path).dynamic_batching.HasField(
         "default_queue_policy"
     )
+
+
+def test_instances_flag_sets_the_instance_group_count_and_zero_is_refused(
+    tmp_path, tiny_checkpoint
+):
+    """`build --instances N` (what the GPU check serves with) reaches Triton's instance_group
+    count of the Python pipeline, on the kind asked for; 0 is refused before writing."""
+    from tritonclient.grpc import model_config_pb2
+
+    from hf_triton.serve import read_config
+
+    from helpers import run_cli
+
+    common = ("build", "--model", str(tiny_checkpoint), "--approach", "python", "--no-export")
+    ok = run_cli(*common, "--instances", "3", "--instance-kind", "KIND_GPU", "--out", str(tmp_path / "ok"))  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    cfg = read_config(tmp_path / "ok" / "python_model_repository" / "python_vit" / "config.pbtxt")
+    (group,) = cfg.instance_group
+    assert (group.count, group.kind) == (3, model_config_pb2.ModelInstanceGroup.KIND_GPU)
+    no = run_cli(*common, "--instances", "0", "--out", str(tmp_path / "no"))
+    assert no.returncode != 0 and "--instances 0: 1 or more" in no.stdout + no.stderr
+    assert not (tmp_path / "no").exists()
