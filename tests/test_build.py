@@ -221,7 +221,8 @@ def test_instances_flag_sets_the_instance_group_count_and_zero_is_refused(
     from helpers import run_cli
 
     common = ("build", "--model", str(tiny_checkpoint), "--approach", "python", "--no-export")
-    ok = run_cli(*common, "--instances", "3", "--instance-kind", "KIND_GPU", "--out", str(tmp_path / "ok"))  # fmt: skip
+    gpu = ("--instances", "3", "--instance-kind", "KIND_GPU")
+    ok = run_cli(*common, *gpu, "--out", str(tmp_path / "ok"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     cfg = read_config(tmp_path / "ok" / "python_model_repository" / "python_vit" / "config.pbtxt")
     (group,) = cfg.instance_group
