@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything this project checks on an NVIDIA GPU, in one run of ~8 minutes, from the
+# Everything this project checks on an NVIDIA GPU, in one run of ~5-8 minutes, from the
 # repository root of a machine that has CUDA PyTorch and transformers but maybe no network
 # and no Triton (e.g. a lent H100/H200). Make its inputs first, where pip works:
-#   scripts/gpu_pack.sh            # -> .gpu/ (the server, tritonclient, numpy 1.26; ~52 MB)
+#   scripts/gpu_pack.sh            # -> .gpu/ (the server, tritonclient, numpy 1.26; ~56 MB)
 # then, on the GPU machine:
 #   OUT=gpu-out scripts/gpu_check.sh
 # Steps (each logs to $OUT; a failed step does not stop the next):

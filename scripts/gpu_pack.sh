@@ -2,10 +2,10 @@
 # Pack what scripts/gpu_check.sh needs on a GPU machine that has no network and no Triton:
 # the Triton server of the nvidia-pytriton wheel (its Python 3.12 stub only, ~27 MB as xz),
 # tritonclient (pure Python), the compiled wheels its HTTP client needs for Python 3.12, and
-# numpy 1.26: Triton 2.51's Python-backend stub (pybind11 2.10) breaks on numpy 2 (a known
-# issue of that release; the wheel pins numpy<2 for it), and such machines ship numpy 2
-# (with it ml_dtypes 0.5, which tritonclient imports and which still takes numpy 1.26).
-# Output: .gpu/ (git-ignored), ~52 MB: it travels with the repository (64 MiB in all).
+# numpy 1.26: Triton 2.51's Python-backend stub (pybind11 2.10) breaks on numpy 2 (every
+# output tensor comes back empty; the wheel pins numpy<2 for it), and such machines ship
+# numpy 2 (with it ml_dtypes 0.5, which tritonclient imports and which still takes numpy 1.26).
+# Output: .gpu/ (git-ignored), ~56 MB: it travels with the repository (64 MiB in all).
 #
 #   scripts/gpu_pack.sh [PYVER]      # PYVER: the GPU machine's Python, default 3.12
 set -euo pipefail
