@@ -20,7 +20,7 @@ import torch
 from conftest import Launched, launch
 from helpers import infer, run_cli
 
-#: Marks the GPU tests; the last test here is the GPU check's CPU side and runs everywhere.
+#: Marks the GPU tests; the last two tests here are the GPU check's CPU side and run everywhere.
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA"
 )
@@ -137,3 +137,30 @@ def test_gpu_harness_drives_model_py_as_the_stub_does_cpu_side(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert sum(line.startswith("ok ") for line in run.stdout.splitlines()) == 6, run.stdout
+
+
+def test_gpu_check_hides_scipy_from_transformers_only_through_find_spec(tmp_path):
+    """scripts/gpu_hide_scipy.py, which the GPU check's venv imports at start-up: SciPy and
+    scikit-learn are not found (so transformers, which treats them as optional, skips them),
+    everything else is, and transformers' models import without them (here, without it,
+    importing BertModel imports SciPy)."""
+    import subprocess
+    import sys
+
+    from hf_triton.serve import PROJECT_ROOT
+
+    code = (
+        "import sys, importlib.util as u; sys.path.insert(0, sys.argv[1]); import gpu_hide_scipy\n"
+        "print(u.find_spec('scipy'), u.find_spec('sklearn.metrics'), bool(u.find_spec('numpy')))\n"
+        "from transformers import BertModel, ViTModel\n"
+        "print('scipy' in sys.modules, 'sklearn' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(PROJECT_ROOT / "scripts")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["None None True", "False False"], run.stdout
