@@ -63,6 +63,11 @@ def test_vectorized_matches_the_processor(model_py, tmp_path, kind):
     got = fast([model_py.Pending(image.size // 3, lambda image=image: image) for image in images])
     assert got.dtype == np.float32 and got.shape == want["pixel_values"].shape
     assert np.max(np.abs(got - want["pixel_values"])) <= PIXEL_ATOL
+    # A lone image takes the path without threads; it must be the same pixels, laid out as a
+    # C-contiguous batch of one (what Triton's tensors and torch.from_numpy are handed).
+    for j, image in enumerate(images[:2]):
+        one = fast([model_py.Pending(image.size // 3, lambda image=image: image)])
+        assert one.flags["C_CONTIGUOUS"] and np.array_equal(one, got[j : j + 1])
 
 
 def test_processor_the_vectorized_path_cannot_follow_is_refused(model_py, tmp_path):
