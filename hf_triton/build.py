@@ -381,10 +381,12 @@ def build(
         raise tasks.UnsupportedModel(
             f"--threshold {options.threshold}: a detection score is between 0 and 1"
         )
-    if options.instances < 1 or options.preprocessing_instances < 1:
-        raise tasks.UnsupportedModel(
-            f"--instances {options.instances}: 1 or more instances of the model that computes"
-        )
+    for what, count in (
+        ("--instances", options.instances),
+        ("preprocessing instances", options.preprocessing_instances),
+    ):
+        if count < 1:
+            raise tasks.UnsupportedModel(f"{what} {count}: 1 or more instances of the model")
     if options.top_k < 0:
         raise tasks.UnsupportedModel(
             f"--top-k {options.top_k}: the number of detections to keep, >= 0 (0: all)"
