@@ -119,19 +119,29 @@ step "4. bare PyTorch on the GPU"
 run 150 "$PY" scripts/gpu_bare.py --out "$OUT/bare.json" --workdir "$WORK/bare"
 fi
 
+# ViT-base fp16 on KIND_GPU instances, as steps 5 and 6 serve it: build_fp16 NAME OUT INSTANCES
+build_fp16() {
+  run 150 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
+    --approach python --no-export --name "$1" --precision fp16 --instance-kind KIND_GPU \
+    --instances "$3" --max-batch-size 32 --max-queue-delay-us 1000 --out "$2" --workdir "$WORK/hf"
+}
+# bench_gpu NAME CONCURRENCY TAX_ROUNDS REPOSITORY...: hf-triton bench -> $OUT/NAME.json, .txt
+bench_gpu() {
+  local name=$1 conc=$2 rounds=$3 repos=() r
+  shift 3
+  for r in "$@"; do repos+=(--model-repository "$r"); done
+  run 240 "$PY" -m hf_triton.cli bench --workdir "$WORK/hf_$name" "${repos[@]}" \
+    --formats uint8 --concurrency "$conc" --protocol "$PROTOCOL" --tax-rounds "$rounds" \
+    --window-s 1.5 --warmup-s 1 --max-windows 3 --out "$WORK/$name" &&
+    cp "$WORK/$name/results.json" "$OUT/$name.json"
+  cp "$WORK/$name/report.txt" "$OUT/$name.txt" 2>/dev/null || true
+}
+
 if want 5; then
 step "5. served ViT-base python_vit fp16 on the GPU, hf-triton bench"
 if [ "$STUB_OK" = 1 ]; then
-  run 120 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
-    --approach python --no-export --name vit_fp16 --precision fp16 --instance-kind KIND_GPU \
-    --max-batch-size 32 --max-queue-delay-us 1000 --out "$WORK/served" --workdir "$WORK/hf" |
-    tail -3
-  run 240 "$PY" -m hf_triton.cli bench --workdir "$WORK/hf" \
-    --model-repository "$WORK/served/python_model_repository" --models python_vit_fp16 \
-    --formats uint8 --concurrency 1,8,32 --protocol "$PROTOCOL" --tax-rounds 2 --window-s 1.5 --warmup-s 1 \
-    --max-windows 3 --out "$WORK/bench" &&
-    cp "$WORK/bench/results.json" "$OUT/bench.json"
-  cp "$WORK/bench/report.txt" "$OUT/bench.txt" 2>/dev/null || true
+  build_fp16 vit_fp16 "$WORK/served" 1 | tail -3
+  bench_gpu bench 1,8,32 2 "$WORK/served/python_model_repository"
 else
   echo "skipped: the real server cannot run here"
 fi
@@ -140,25 +150,13 @@ fi
 if want 6; then
 step "6. served ViT-base fp16 with 1, 2 and 4 GPU instances (the CPU work of one overlaps another's GPU work)"
 if [ "$STUB_OK" = 1 ]; then
-  build_i() {
-    run 150 "$PY" -m hf_triton.cli build --model google/vit-base-patch16-224-in21k \
-      --approach python --no-export --name "vit_fp16_i$1" --precision fp16 \
-      --instance-kind KIND_GPU --instances "$1" --max-batch-size 32 --max-queue-delay-us 1000 \
-      --out "$WORK/instances/i$1" --workdir "$WORK/hf" >"$WORK/logs/build_i$1.log" 2>&1
-  }
+  build_i() { build_fp16 "vit_fp16_i$1" "$WORK/instances/i$1" "$1" >"$WORK/logs/build_i$1.log" 2>&1; }
   build_i 1  # first alone: it may make the stand-in weights the others read
   build_i 2 & p2=$!
   build_i 4 & p4=$!
   wait "$p2" "$p4"  # not a bare `wait`: it would wait for the log's tee too
   tail -n 2 "$WORK"/logs/build_i*.log
-  run 240 "$PY" -m hf_triton.cli bench --workdir "$WORK/hf6" \
-    --model-repository "$WORK/instances/i1/python_model_repository" \
-    --model-repository "$WORK/instances/i2/python_model_repository" \
-    --model-repository "$WORK/instances/i4/python_model_repository" \
-    --formats uint8 --concurrency 8,32,64 --protocol "$PROTOCOL" --tax-rounds 1 --window-s 1.5 \
-    --warmup-s 1 --max-windows 3 --out "$WORK/bench6" &&
-    cp "$WORK/bench6/results.json" "$OUT/bench_instances.json"
-  cp "$WORK/bench6/report.txt" "$OUT/bench_instances.txt" 2>/dev/null || true
+  bench_gpu bench_instances 8,32,64 1 "$WORK"/instances/i{1,2,4}/python_model_repository
 else
   echo "skipped: the real server cannot run here"
 fi

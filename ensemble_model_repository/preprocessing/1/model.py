@@ -147,8 +147,8 @@ class VectorizedImageProcessor:
         none = process(processor, [np.zeros((64, 64, 3), np.uint8)])
         low = none[0, :, 0, 0].astype(np.float64)
         high = full[0, :, 0, 0].astype(np.float64)
-        self.gain = ((high - low) / 255.0).astype(np.float32).reshape(1, -1, 1, 1)
-        self.bias = low.astype(np.float32).reshape(1, -1, 1, 1)
+        self.gain = ((high - low) / 255.0).astype(np.float32).reshape(-1, 1, 1)  # per channel
+        self.bias = low.astype(np.float32).reshape(-1, 1, 1)
         self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 
     def _geometry(self, image):
@@ -172,8 +172,8 @@ class VectorizedImageProcessor:
             # Normalised here, in the worker, not after the batch is stacked: the same
             # element-wise float32 operations, and the serving thread is left only the stack.
             pixels = geometry.astype(np.float32, order="C")
-            pixels *= self.gain[0]
-            pixels += self.bias[0]
+            pixels *= self.gain
+            pixels += self.bias
             return pixels
 
         # A lone image is resized here: no thread hand-off.
