@@ -109,7 +109,8 @@ class Result:
     unit: str = "img"  # img | sentence
     tokens_per_item: float = 0.0  # text: mean tokens per sentence (tokens/s = throughput x it)
     check: str = ""  # served: its answer against the bare runtime's
-    #: served at concurrency 1: model -> {queue, input, infer, output} ms per request
+    #: served: model -> {queue, input, infer, output} ms per request of that model, and busy:
+    #: the model's instances computing, instance-seconds per second (Triton's statistics)
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     #: served: model -> requests per execution Triton ran while this was measured
     batch_sizes: dict[str, float] = field(default_factory=dict)
@@ -692,6 +693,13 @@ def _statistics(http_url: str, models: list[str]) -> dict[str, dict[str, int]]:
                 "count": int(stats["success"]["count"]),
                 "inferences": int(model_stats.get("inference_count", 0)),
                 "executions": int(model_stats.get("execution_count", 0)),
+                # per execution, not per request: the time the instances spent computing
+                "busy_ns": sum(
+                    int(b[k]["ns"])
+                    for b in model_stats.get("batch_stats", [])
+                    for k in _STEPS
+                    if k != "queue"
+                ),
             }
         return out
     finally:
@@ -706,15 +714,21 @@ _STEPS = {
 }
 
 
-def breakdown(before: dict, after: dict, requests: int) -> dict[str, dict[str, float]]:
-    """ms per request spent in each step of each model, from Triton's statistics."""
-    return {
-        model: {
-            label: (after[model][key] - before[model][key]) / 1e6 / max(requests, 1)
+def breakdown(before: dict, after: dict, wall_s: float) -> dict[str, dict[str, float]]:
+    """Per model, from Triton's statistics over ``wall_s`` seconds: ms per request of that
+    model spent in each step, and ``busy``, its instances computing (instance-seconds per
+    second). A queue time well above the run time with the step far from busy is the batcher
+    waiting, not the model (docs/bench/report-int8-ensemble-c16.txt)."""
+    out = {}
+    for model in after:
+        requests = max(after[model]["count"] - before[model]["count"], 1)
+        steps = {
+            label: (after[model][key] - before[model][key]) / 1e6 / requests
             for key, label in _STEPS.items()
         }
-        for model in after
-    }
+        busy_ns = after[model].get("busy_ns", 0) - before[model].get("busy_ns", 0)
+        out[model] = steps | {"busy": busy_ns / 1e9 / max(wall_s, 1e-9)}
+    return out
 
 
 def batch_sizes(before: dict, after: dict) -> dict[str, float]:
@@ -831,12 +845,18 @@ def report(
     if split:
         lines.append("")
         lines.append(
-            "Where a request's time goes at concurrency 1 (Triton's statistics, ms per request):"
+            "Where a request's time goes (Triton's statistics: ms per request in each step; "
+            "busy: the step's instances computing, instance-seconds per second):"
         )
         for r in split:
             for model, steps in r.breakdown.items():
-                parts = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
-                lines.append(f"  {r.name:<24} {r.input_format:<6} {model:<22} {parts}")
+                parts = (
+                    ", ".join(f"{k} {v:.2f}" for k, v in steps.items() if k != "busy")
+                    + f"; busy {steps.get('busy', 0.0):.2f}"
+                )
+                lines.append(
+                    f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {model:<22} {parts}"
+                )
     batched = [r for r in results if r.batch_sizes and r.concurrency > 1]
     if batched:
         lines.append("")
@@ -1191,11 +1211,11 @@ def _measure_targets(
             for conc in settings.concurrency:
                 progress(f"{target.model} {fmt} concurrency {conc}")
                 before = _statistics(http_url, target.steps)
+                start = time.perf_counter()
                 result = asyncio.run(bench_served(url, target, fmt, conc, examples[0], settings))
+                wall_s = time.perf_counter() - start
                 after = _statistics(http_url, target.steps)
-                if conc == 1:
-                    done = after[target.steps[-1]]["count"] - before[target.steps[-1]]["count"]
-                    result.breakdown = breakdown(before, after, done)
+                result.breakdown = breakdown(before, after, wall_s)
                 result.batch_sizes = batch_sizes(before, after)
                 result.check, result.tokens_per_item = check, tokens
                 results.append(result)

@@ -100,9 +100,12 @@ def test_benchmark_smoke(server, tmp_path):
         for fmt in ("fp32", "uint8", "jpeg"):
             assert (model, fmt, 2) in rows
             assert rows[(model, fmt, 1)]["check"].startswith("ok (cos"), rows[(model, fmt, 1)]
-        steps = rows[(model, "uint8", 1)]["breakdown"]
         expected = {"python_vit"} if model == "python_vit" else {"preprocessing", "vit"}
-        assert set(steps) == expected and all(s["infer"] > 0 for s in steps.values()), steps
+        for conc in (1, 2):  # every concurrency; busy: one instance each, so at most ~1
+            steps = rows[(model, "uint8", conc)]["breakdown"]
+            assert set(steps) == expected, steps
+            assert all(s["infer"] > 0 and s["queue"] >= 0 for s in steps.values()), steps
+            assert all(0 < s["busy"] <= 1.05 for s in steps.values()), steps
         sizes = rows[(model, "uint8", 2)]["batch_sizes"]  # requests per execution, 1..2
         assert set(sizes) == expected and all(1 <= n <= 2 for n in sizes.values()), sizes
     assert ("bare-onnxruntime", "pixel_values", 2) in rows
