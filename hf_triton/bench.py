@@ -697,8 +697,7 @@ def _statistics(http_url: str, models: list[str]) -> dict[str, dict[str, int]]:
                 "busy_ns": sum(
                     int(b[k]["ns"])
                     for b in model_stats.get("batch_stats", [])
-                    for k in _STEPS
-                    if k != "queue"
+                    for k in ("compute_input", "compute_infer", "compute_output")
                 ),
             }
         return out
@@ -726,8 +725,8 @@ def breakdown(before: dict, after: dict, wall_s: float) -> dict[str, dict[str, f
             label: (after[model][key] - before[model][key]) / 1e6 / requests
             for key, label in _STEPS.items()
         }
-        busy_ns = after[model].get("busy_ns", 0) - before[model].get("busy_ns", 0)
-        out[model] = steps | {"busy": busy_ns / 1e9 / max(wall_s, 1e-9)}
+        busy_s = (after[model]["busy_ns"] - before[model]["busy_ns"]) / 1e9
+        out[model] = steps | {"busy": busy_s / max(wall_s, 1e-9)}
     return out
 
 
@@ -852,7 +851,7 @@ def report(
             for model, steps in r.breakdown.items():
                 parts = (
                     ", ".join(f"{k} {v:.2f}" for k, v in steps.items() if k != "busy")
-                    + f"; busy {steps.get('busy', 0.0):.2f}"
+                    + f"; busy {steps['busy']:.2f}"
                 )
                 lines.append(
                     f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {model:<22} {parts}"
