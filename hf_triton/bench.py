@@ -341,10 +341,13 @@ class Target:
     tower: str | None = None  # "image" or "text": that tower of an image-text model
     device: str = "cpu"  # where the Python pipeline runs ("cuda:N" for KIND_GPU): bare runs there
     max_batch: int = 0  # the entry model's max_batch_size: the largest batch serving can form
+    compiled: bool = False  # the Python pipeline's model is torch.compile'd: so is the bare one
 
     @property
     def bare(self) -> str:
-        return "bare-onnxruntime" if self.approach == "ensemble" else "bare-pytorch"
+        if self.approach == "ensemble":
+            return "bare-onnxruntime"
+        return "bare-pytorch-compiled" if self.compiled else "bare-pytorch"
 
     @property
     def unit(self) -> str:
@@ -409,6 +412,7 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
                     tower,
                     device,
                     int(config.get("max_batch_size", 0)),
+                    compiled=not steps and params.get("torch_compile") == "1",
                 )
             )
         if callers:
@@ -495,7 +499,7 @@ class Bare:
         else:
             import torch
 
-            from hf_triton.precision import apply_torch
+            from hf_triton.precision import apply_torch, compile_torch, eval_examples
 
             module = self.spec.module
             self.output = self.spec.outputs[0].name
@@ -509,11 +513,19 @@ class Bare:
             device = torch.device(target.device)
             module = module.to(device)
 
+            def tensors(feed: dict[str, np.ndarray]) -> list[Any]:
+                out = [torch.from_numpy(v).to(device) for v in feed.values()]
+                return [t.to(dtype) if t.is_floating_point() else t for t in out]
+
+            if target.compiled:  # as model.py compiles it, while it loads
+                examples = eval_examples(self.spec)
+                module = compile_torch(
+                    module, lambda m, batch: m(*tensors(self.feed(examples[:batch])))
+                )
+
             def forward_all(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-                tensors = [torch.from_numpy(v).to(device) for v in feed.values()]
-                tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
                 with torch.inference_mode():
-                    return [o.float().cpu().numpy() for o in module(*tensors)]
+                    return [o.float().cpu().numpy() for o in module(*tensors(feed))]
 
             self.forward_all = forward_all
             self.forward = lambda feed: forward_all(feed)[0]
@@ -931,7 +943,11 @@ def plot(results: list[Result], path: Path) -> None:
         ax_t.plot(x, [r.throughput for r in rs], style, marker="o", label=f"{name} {fmt}")
         ax_l.plot(x, [r.p50_ms for r in rs], style, marker="o", label=f"{name} {fmt} p50")
     styles = {"fp32": ":", "int8": "-.", "bf16": (0, (1, 4)), "fp16": (0, (3, 1))}
-    for name, color in (("bare-onnxruntime", "black"), ("bare-pytorch", "gray")):
+    for name, color in (
+        ("bare-onnxruntime", "black"),
+        ("bare-pytorch", "gray"),
+        ("bare-pytorch-compiled", "silver"),
+    ):
         for prec in sorted({r.precision for r in results if r.name == name}):
             b = best([r for r in results if r.precision == prec], name)
             if b:

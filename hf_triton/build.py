@@ -97,6 +97,8 @@ class BuildOptions:
     onnx_spin_within_run: bool = False
     #: PyTorch threads per instance of the Python pipeline (0: PyTorch's default).
     torch_threads: int = 0
+    #: The Python pipeline's model compiled by torch.compile while it loads (fp32, bf16; CPU).
+    torch_compile: bool = False
     #: Where the Python pipeline runs: KIND_CPU, or KIND_GPU (model.py moves the model there).
     instance_kind: str = "KIND_CPU"
     #: Token classification: how tokens become entities (transformers' AggregationStrategy;
@@ -272,6 +274,13 @@ def _pipeline_params(options: BuildOptions) -> list[tuple[str, str, str]]:
             str(options.torch_threads),
             "PyTorch threads per instance; 0 = PyTorch's default (one per core).",
         ),
+        (
+            "torch_compile",
+            "1" if options.torch_compile else "0",
+            "1: torch.compile (Inductor, weights frozen) while the model loads, fp32 or\n"
+            "bf16 on CPU instances; needs a C++ compiler (g++); gated against eager fp32\n"
+            '(README, "Compiled PyTorch").',
+        ),
     ]
 
 
@@ -416,9 +425,9 @@ def build(
     params = _checkpoint_params(spec, options)
     model_py = MODEL_PY[task.modality]
 
-    if options.precision != "fp32" and "python" in approaches:
+    if (options.precision != "fp32" or options.torch_compile) and "python" in approaches:
         # Refused variants are never written.
-        result.gates.append(precision.gate_python(spec, options.precision))
+        result.gates.append(precision.gate_python(spec, options.precision, options.torch_compile))
 
     if approach in ("python", "both"):
         repo = out / "python_model_repository"
@@ -564,9 +573,11 @@ def _build_image_text(
     those), and ``<ensemble>`` (zero-shot).
     """
     towers = {side: spec.for_tower(side) for side in hf_common.EMBEDDINGS}
-    if options.precision != "fp32" and "python" in approaches:
+    if (options.precision != "fp32" or options.torch_compile) and "python" in approaches:
         # Both towers and the zero-shot ranking they give; refused variants are never written.
-        result.gates += precision.gate_image_text_python(spec, options.precision)
+        result.gates += precision.gate_image_text_python(
+            spec, options.precision, options.torch_compile
+        )
     scoring, scale, bias = spec.zero_shot_scoring
     inputs = {"image": IMAGE_INPUTS, "text": TEXT_INPUTS}
     optional = frozenset(t.name for t in IMAGE_INPUTS)
@@ -750,6 +761,21 @@ def _check_placement(options: BuildOptions, approach: str) -> None:
             "--precision int8 (PyTorch's dynamic int8) runs on CPU instances only: on a GPU "
             "use --precision fp16 or bf16"
         )
+    if options.torch_compile:
+        if approach == "ensemble":
+            raise tasks.UnsupportedModel(
+                "--torch-compile compiles the Python pipeline's PyTorch model: use --approach "
+                "python or both (the ensemble runs model.onnx in ONNX Runtime)"
+            )
+        if prec not in hf_common.COMPILE_PRECISIONS:
+            raise tasks.UnsupportedModel(
+                f"--torch-compile is offered for --precision "
+                f"{' or '.join(hf_common.COMPILE_PRECISIONS)}, not {prec}"
+            )
+        if kind != "KIND_CPU":
+            raise tasks.UnsupportedModel(
+                "--torch-compile runs on KIND_CPU instances (not measured on GPUs)"
+            )
 
 
 def _check_names(options: BuildOptions) -> None:

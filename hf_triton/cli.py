@@ -302,6 +302,7 @@ def _build(args: argparse.Namespace) -> int:
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
         onnx_spin_within_run=args.onnx_spin_within_run,
+        torch_compile=args.torch_compile,
         preferred_batch_size=args.preferred_batch_size,
         instance_kind=args.instance_kind,
         instances=args.instances,
@@ -523,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX steps: ONNX Runtime's threads spin between the operators of a request and "
         "sleep after it (default: they always sleep while waiting); faster for large models, "
         "slower for small ones: hf-triton optimize measures it",
+    )
+    bu.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="Python pipelines (fp32, bf16; CPU): compile the PyTorch model with torch.compile "
+        "while it loads (weights frozen; needs g++; loading takes ~30 s longer for a "
+        "ViT-base); gated against eager fp32 like a precision",
     )
     bu.add_argument(
         "--queue-timeout-ms",

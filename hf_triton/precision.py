@@ -434,9 +434,22 @@ def _unit(spec: ModelSpec) -> dict[str, Any]:
 Runner = Callable[[list[Any]], list[np.ndarray]]
 
 
-def _torch_runners(spec: ModelSpec, precision: str) -> tuple[Runner, Runner]:
-    """fp32 PyTorch and the Python backend's variant (model.py's own conversion): each runs a
-    chunk of examples, encoded as the server encodes them, to the module's outputs."""
+def compile_torch(module: Any, warm_up: Callable[[Any, int], Any]) -> Any:
+    """``module`` compiled as model.py compiles it (:func:`hf_common.compile_model`)."""
+    try:
+        compiled, seconds = hf_common.compile_model(module, warm_up)
+    except hf_common.ModelError as e:
+        raise HfTritonError(str(e)) from e
+    log.info("torch.compile: %.1f s (batches of 1 and 2)", seconds)
+    return compiled
+
+
+def _torch_runners(
+    spec: ModelSpec, precision: str, compiled: bool = False
+) -> tuple[Runner, Runner]:
+    """fp32 PyTorch and the Python backend's variant (model.py's own conversion, and its
+    torch.compile when ``compiled``): each runs a chunk of examples, encoded as the server
+    encodes them, to the module's outputs."""
     import copy
 
     import torch
@@ -449,12 +462,20 @@ def _torch_runners(spec: ModelSpec, precision: str) -> tuple[Runner, Runner]:
     device = torch.device("cuda" if cuda else "cpu")
     variant = variant.to(device)
 
+    def tensors(chunk: list[Any], float_dtype: Any, on: Any) -> list[Any]:
+        out = [torch.from_numpy(a).to(on) for a in spec.encode(chunk).values()]
+        return [t.to(float_dtype) if t.is_floating_point() else t for t in out]
+
+    if compiled:
+        examples = eval_examples(spec)
+        variant = compile_torch(
+            variant, lambda module, batch: module(*tensors(examples[:batch], dtype, device))
+        )
+
     def run(module: Any, float_dtype: Any, on: Any) -> Runner:
         def outputs(chunk: list[Any]) -> list[np.ndarray]:
-            tensors = [torch.from_numpy(a).to(on) for a in spec.encode(chunk).values()]
-            tensors = [t.to(float_dtype) if t.is_floating_point() else t for t in tensors]
             with torch.inference_mode():
-                return [o.float().cpu().numpy() for o in module(*tensors)]
+                return [o.float().cpu().numpy() for o in module(*tensors(chunk, float_dtype, on))]
 
         return outputs
 
@@ -485,9 +506,11 @@ def _gate_spec(spec: ModelSpec, precision: str, runners: tuple[Runner, Runner]) 
     )
 
 
-def gate_python(spec: ModelSpec, precision: str) -> GateReport:
-    """The Python backend's variant (model.py's own conversion) against fp32 PyTorch."""
-    return _gate_spec(spec, precision, _torch_runners(spec, precision))
+def gate_python(spec: ModelSpec, precision: str, compiled: bool = False) -> GateReport:
+    """The Python backend's variant (model.py's own conversion; compiled as model.py compiles
+    it when ``compiled``) against fp32 PyTorch, eager."""
+    label = f"{precision}+torch.compile" if compiled else precision
+    return _gate_spec(spec, label, _torch_runners(spec, precision, compiled))
 
 
 def gate_onnx(spec: ModelSpec, precision: str, fp32: Path, variant: Path) -> GateReport:
@@ -555,13 +578,18 @@ def gate_image_text(
     return [*reports, report]
 
 
-def gate_image_text_python(spec: ModelSpec, precision: str) -> list[GateReport]:
-    """Both Python-backend towers in ``precision`` against fp32 PyTorch (see
-    :func:`gate_image_text`)."""
+def gate_image_text_python(
+    spec: ModelSpec, precision: str, compiled: bool = False
+) -> list[GateReport]:
+    """Both Python-backend towers in ``precision`` (compiled when ``compiled``) against fp32
+    PyTorch (see :func:`gate_image_text`)."""
     return gate_image_text(
         spec,
-        precision,
-        {side: _torch_runners(spec.for_tower(side), precision) for side in hf_common.EMBEDDINGS},
+        f"{precision}+torch.compile" if compiled else precision,
+        {
+            side: _torch_runners(spec.for_tower(side), precision, compiled)
+            for side in hf_common.EMBEDDINGS
+        },
     )
 
 

@@ -111,10 +111,13 @@ class TritonPythonModel:
             self.model_inputs = hf_common.model_inputs(model, self.tokenizer)
             self.model, _ = hf_common.apply_precision(model, precision, self.device)
             self.threads = hf_common.set_torch_threads(params)
+            compile_s = None
+            if hf_common.wants_compile(params, precision, self.device):
+                self.model, compile_s = hf_common.compile_model(self.model, self._warm_up)
             if task == "text-feature-extraction":
                 self.pooling = hf_common.Pooling.from_checkpoint(local).to(self.device)
             role = (
-                f"tokenizer + {type(self.model).__name__} in {precision}, "
+                f"tokenizer + {hf_common.describe_model(self.model, compile_s)} in {precision}, "
                 f"{self.threads} torch threads"
             )
         else:
@@ -191,17 +194,30 @@ class TritonPythonModel:
             return [(text, strategy) for text in texts]
         return texts
 
-    def _run(self, items):
-        if self.postprocess_only:
-            return self._entities(items)
-        texts = [t[0] for t in items] if self.entities is not None else items
-        # One tokenizer call and one forward pass for every text of every request.
-        encoded = self.tokenizer(
+    def _encode(self, texts, **kwargs):
+        return self.tokenizer(
             texts,
             padding=True if self.padding == "longest" else self.padding,
             truncation=self.truncate,
             max_length=self.max_length,
             return_tensors="np",
+            **kwargs,
+        )
+
+    def _warm_up(self, module, batch):
+        """``module`` on ``batch`` copies of a short sentence, as _run feeds it."""
+        import torch
+
+        encoded = self._encode(["A sentence to compile the model with."] * batch)
+        module(**{k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs})
+
+    def _run(self, items):
+        if self.postprocess_only:
+            return self._entities(items)
+        texts = [t[0] for t in items] if self.entities is not None else items
+        # One tokenizer call and one forward pass for every text of every request.
+        encoded = self._encode(
+            texts,
             return_offsets_mapping=self.entities is not None,
             return_special_tokens_mask=self.entities is not None,
         )

@@ -152,6 +152,79 @@ def apply_precision(model, precision, target):
     raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+#: Precisions torch.compile is offered for: PyTorch's dynamic int8 modules are not compiled.
+COMPILE_PRECISIONS = ("fp32", "bf16")
+
+
+def wants_compile(params, precision, target):
+    """The config's ``torch_compile`` ("0", the default, or "1"), checked against what it is
+    offered for: fp32 and bf16 on CPU instances (measured there; not on GPUs)."""
+    value = params.get("torch_compile") or "0"
+    if value not in ("0", "1"):
+        raise ModelError(f"parameter torch_compile must be 0 or 1, got {value!r}")
+    if value == "0":
+        return False
+    if precision not in COMPILE_PRECISIONS:
+        raise ModelError(
+            f"torch_compile is offered for precision {' and '.join(COMPILE_PRECISIONS)}, "
+            f"not {precision}"
+        )
+    if target.type != "cpu":
+        raise ModelError("torch_compile runs on KIND_CPU instances (not measured on GPUs)")
+    return True
+
+
+def compile_model(model, warm_up):
+    """``model`` compiled by torch.compile (Inductor, shapes dynamic, weights frozen into the
+    graph), and the seconds compiling took.
+
+    ``warm_up(module, batch)`` runs ``module`` on a batch of ``batch`` examples. It runs here
+    for a batch of one and of two: PyTorch compiles a batch of one as a graph of its own and any
+    larger batch as a second, shape-generic one, so both compile while the model loads, not
+    on a client's request. Freezing (constant weights, packed for the CPU's matrix units) is
+    what makes it faster than eager on CPUs; it needs ``torch.inference_mode``, which is how
+    model.py runs the model. Inductor writes C++ and compiles it: a C++ compiler must be on
+    the PATH (``g++``), else loading fails with this function's message.
+    """
+    import locale
+    import time
+
+    if locale.getpreferredencoding(False).replace("-", "").lower() != "utf8":
+        # Inductor reads its code templates (UTF-8) in the locale's encoding. Triton's stub
+        # embeds Python without the interpreter's C-locale coercion, so a server started with
+        # no LANG reads them as ASCII and fails: read them as UTF-8, as `python` itself would.
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        except locale.Error as e:
+            raise ModelError(
+                "torch_compile needs a UTF-8 locale: start the server with LANG=C.UTF-8"
+            ) from e
+
+    import torch
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    compiled = torch.compile(model, dynamic=True)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch in (1, 2):
+                warm_up(compiled, batch)
+    except Exception as e:  # Dynamo's and Inductor's errors: the model cannot be served so
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelError(
+            f"torch_compile failed ({type(e).__name__}: {first}); a C++ compiler (g++) must "
+            "be installed, or set torch_compile to 0"
+        ) from e
+    return compiled, time.perf_counter() - start
+
+
+def describe_model(model, compile_s=None):
+    """The model's class for the server log, and how long compiling it took, if it was."""
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    return name if compile_s is None else f"{name} (torch.compile: {compile_s:.1f} s)"
+
+
 # -- text ------------------------------------------------------------------------------------
 
 

@@ -275,6 +275,7 @@ class TritonPythonModel:
             self.fast, why = self._vectorized()
         self.inputs = [i["name"] for i in config["input"] if i["name"] in IMAGE_INPUTS]
         self.model = None
+        self.compile_s = None  # seconds torch.compile took, when the config asks for it
         self.precision = params.get("precision", "fp32")
         self.postprocess_only = "logits" in [i["name"] for i in config["input"]]
         self.detection = None
@@ -296,13 +297,15 @@ class TritonPythonModel:
                 model, self.precision, self.device
             )
             self.threads = hf_common.set_torch_threads(params)
+            if hf_common.wants_compile(params, self.precision, self.device):
+                self.model, self.compile_s = hf_common.compile_model(self.model, self._warm_up)
             self._check_outputs()
 
         role = "processor only"
         if self.model is not None:
             role = (
-                f"processor + {type(self.model).__name__} in {self.precision}, "
-                f"{self.threads} torch threads"
+                f"processor + {hf_common.describe_model(self.model, self.compile_s)} in "
+                f"{self.precision}, {self.threads} torch threads"
             )
         if self.postprocess_only:
             role = "postprocessing: logits, boxes -> detections"
@@ -325,6 +328,13 @@ class TritonPythonModel:
             return None, f"self-check against the processor failed (max |diff| {diff})"
         return fast, f"self-check max |diff| {diff:.1e}"
 
+    def _warm_up(self, module, batch):
+        """``module`` on ``batch`` copies of a small black image, as _run feeds it."""
+        import torch
+
+        probe = process(self.processor, [np.zeros((64, 64, 3), np.uint8)] * batch)
+        module(pixel_values=torch.from_numpy(probe).to(self.device, self.input_dtype))
+
     def _check_outputs(self):
         """Fail at load time, not on the first request, when config and model disagree."""
         import torch
@@ -338,8 +348,8 @@ class TritonPythonModel:
         if missing:
             available = [k for k, v in out.items() if v is not None]
             raise ModelError(
-                f"config.pbtxt declares outputs {missing} that {type(self.model).__name__} "
-                f"does not produce; it produces {available}"
+                f"config.pbtxt declares outputs {missing} that "
+                f"{hf_common.describe_model(self.model)} does not produce; it produces {available}"
             )
 
     def _items(self, request):

