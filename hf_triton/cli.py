@@ -680,8 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv(str),
         default=[],
         help="comma-separated subset of fp32-onnxruntime, fused-onnxruntime, int8-onnxruntime, "
-        "fp32-pytorch, int8-pytorch, bf16-pytorch, fp16-pytorch (default: all this machine "
-        "can run)",
+        "fp32-pytorch, fp32-pytorch-compiled, int8-pytorch, bf16-pytorch, "
+        "bf16-pytorch-compiled, fp16-pytorch (default: all this machine can run)",
     )
     op.add_argument(
         "--concurrency",

@@ -1,8 +1,8 @@
 """Choose the fastest served variant that passes the accuracy gate, on this machine.
 
 One run: detect the machine's kind (:mod:`hf_triton.hardware`), build every candidate
-variant the machine can run (fp32, fused and int8 ONNX Runtime; fp32, int8 and bf16 PyTorch;
-fp16 with a GPU), gate each against fp32, serve them all from one Triton server, measure each
+variant the machine can run (fp32, fused and int8 ONNX Runtime; fp32, int8 and bf16 PyTorch,
+fp32 and bf16 compiled by torch.compile; fp16 with a GPU), gate each against fp32, serve them all from one Triton server, measure each
 served next to its bare runtime in alternating rounds, tune the winner's Triton config by
 measuring each change against the current best (reloading the model with the new config, as
 Model Analyzer does), and write the winner's repository with a report saying why.
@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import statistics
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Candidate:
     precision: str
     approach: str  # python (PyTorch) | ensemble (ONNX Runtime)
     fused: bool = False  # ONNX Runtime's offline transformer fusions
+    compiled: bool = False  # PyTorch's model compiled by torch.compile while it loads
     instance_kind: str = "KIND_CPU"  # KIND_GPU for PyTorch on a GPU machine
     skipped: str = ""  # why it was not tried on this machine
     refused: str = ""  # the gate's (or the build's) verdict when it failed
@@ -72,15 +74,18 @@ class Candidate:
         return statistics.median(values) if values else 0.0
 
 
-#: Every candidate, in the order they are built and reported.
+#: Every candidate, in the order they are built and reported: key, precision, approach, ONNX
+#: Runtime's fusions, torch.compile.
 CANDIDATES = (
-    ("fp32-onnxruntime", "fp32", "ensemble", False),
-    ("fused-onnxruntime", "fp32", "ensemble", True),
-    ("int8-onnxruntime", "int8", "ensemble", False),
-    ("fp32-pytorch", "fp32", "python", False),
-    ("int8-pytorch", "int8", "python", False),
-    ("bf16-pytorch", "bf16", "python", False),
-    ("fp16-pytorch", "fp16", "python", False),
+    ("fp32-onnxruntime", "fp32", "ensemble", False, False),
+    ("fused-onnxruntime", "fp32", "ensemble", True, False),
+    ("int8-onnxruntime", "int8", "ensemble", False, False),
+    ("fp32-pytorch", "fp32", "python", False, False),
+    ("fp32-pytorch-compiled", "fp32", "python", False, True),
+    ("int8-pytorch", "int8", "python", False, False),
+    ("bf16-pytorch", "bf16", "python", False, False),
+    ("bf16-pytorch-compiled", "bf16", "python", False, True),
+    ("fp16-pytorch", "fp16", "python", False, False),
 )
 YARDSTICK = "fp32-onnxruntime"
 
@@ -99,10 +104,14 @@ def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> li
     if unknown:
         raise OptimizeError(f"unknown candidates {unknown}; choose from {', '.join(known)}")
     out = []
-    for key, prec, approach, fused in CANDIDATES:
-        c = Candidate(key, prec, approach, fused)
+    for key, prec, approach, fused, compiled in CANDIDATES:
+        c = Candidate(key, prec, approach, fused, compiled)
         if wanted and key not in wanted:
             c.skipped = "not asked for (--candidates)"
+        elif compiled and machine.gpu:
+            c.skipped = "torch.compile is offered for CPU instances (not measured on GPUs)"
+        elif compiled and not shutil.which(os.environ.get("CXX") or "g++"):
+            c.skipped = "torch.compile's Inductor needs a C++ compiler (g++), none on the PATH"
         elif prec == "bf16" and not (machine.bf16 or machine.gpu):
             c.skipped = (
                 f"no native bf16 on this CPU ({machine.kind}): PyTorch emulates it, ~8x slower "
@@ -128,6 +137,7 @@ def _options(c: Candidate, gpu: bool = False) -> build.BuildOptions:
         ensemble_name=f"ens_{c.tag}",
         precision=c.precision,
         instance_kind="KIND_GPU" if gpu and c.approach == "python" else "KIND_CPU",
+        torch_compile=c.compiled,
     )
 
 
@@ -718,6 +728,7 @@ def write_winner(
         options.options,
         precision=winner.precision,
         instance_kind=winner.instance_kind,
+        torch_compile=winner.compiled,
         **changes,
     )
     spec = dataclasses.replace(spec, checkpoint=checkpoint)

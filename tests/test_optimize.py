@@ -44,12 +44,26 @@ def test_machine_kind_from_cpuinfo(flags, kind, bf16):
     assert bool(plan["bf16-pytorch"]) is not bf16, plan["bf16-pytorch"]
     assert plan["fp16-pytorch"] == "fp16 needs a GPU"
     assert not plan["int8-onnxruntime"] and not plan["fp32-pytorch"]
+    # torch.compile: where a C++ compiler is (this machine has g++), for what runs eager here
+    assert not plan["fp32-pytorch-compiled"], plan["fp32-pytorch-compiled"]
+    assert plan["bf16-pytorch-compiled"] == plan["bf16-pytorch"]
+
+
+def test_compiled_candidates_need_a_cpp_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    plan = {
+        c.key: c.skipped for c in optimize.candidates(hardware.Machine("x", 2, frozenset({"avx2"})))
+    }
+    assert "needs a C++ compiler" in plan["fp32-pytorch-compiled"]
+    assert not plan["fp32-pytorch"]
 
 
 def test_gpu_machine_offers_fp16_and_no_cpu_only_backend():
     plan = {c.key: c.skipped for c in optimize.candidates(hardware.Machine("x", 8, gpu="H100"))}
     assert not plan["fp16-pytorch"] and not plan["bf16-pytorch"]
     assert "CPU build" in plan["int8-onnxruntime"] and "CPU only" in plan["int8-pytorch"]
+    assert "CPU instances" in plan["bf16-pytorch-compiled"]
+    assert plan["fp32-pytorch-compiled"] == plan["bf16-pytorch-compiled"]
     onnx = optimize.Candidate("fp32-onnxruntime", "fp32", "ensemble")
     assert optimize._options(onnx, gpu=True).instance_kind == "KIND_CPU"
     python = optimize.Candidate("fp16-pytorch", "fp16", "python")
