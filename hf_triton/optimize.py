@@ -2,10 +2,11 @@
 
 One run: detect the machine's kind (:mod:`hf_triton.hardware`), build every candidate
 variant the machine can run (fp32, fused and int8 ONNX Runtime; fp32, int8 and bf16 PyTorch,
-fp32 and bf16 compiled by torch.compile; fp16 with a GPU), gate each against fp32, serve them all from one Triton server, measure each
-served next to its bare runtime in alternating rounds, tune the winner's Triton config by
-measuring each change against the current best (reloading the model with the new config, as
-Model Analyzer does), and write the winner's repository with a report saying why.
+fp32 and bf16 compiled by torch.compile; fp16 with a GPU), gate each against fp32, serve them
+all from one Triton server, measure each served next to its bare runtime in alternating rounds,
+tune the winner's Triton config by measuring each change against the current best (reloading
+the model with the new config, as Model Analyzer does), and write the winner's repository with
+a report saying why.
 
 Nothing here decides from tables of what should be fast: every choice is a measurement.
 """
