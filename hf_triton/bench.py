@@ -226,7 +226,8 @@ async def measure(
                 await call()
             except Exception as e:  # counted and reported, never hidden
                 errors += 1
-                log.debug("request failed: %s", e)
+                # The first failure's reason goes to the log (the count to the results).
+                (log.warning if errors == 1 else log.debug)("request failed: %s", e)
                 continue
             w.record(start, time.perf_counter())
 

@@ -64,10 +64,13 @@ def test_vectorized_matches_the_processor(model_py, tmp_path, kind):
     assert got.dtype == np.float32 and got.shape == want["pixel_values"].shape
     assert np.max(np.abs(got - want["pixel_values"])) <= PIXEL_ATOL
     # A lone image takes the path without threads; it must be the same pixels, laid out as a
-    # C-contiguous batch of one (what Triton's tensors and torch.from_numpy are handed).
+    # C-contiguous batch of one (what Triton's tensors and torch.from_numpy are handed) with
+    # the strides of a stacked batch: numpy calls a batch axis of stride 0 contiguous, but
+    # torch.compile's guards tell the two apart and compiled a graph for it while serving.
     for j, image in enumerate(images[:2]):
         one = fast([model_py.Pending(image.size // 3, lambda image=image: image)])
         assert one.flags["C_CONTIGUOUS"] and np.array_equal(one, got[j : j + 1])
+        assert one.strides == np.empty_like(one, order="C").strides == got[j : j + 1].strides
 
 
 def test_processor_the_vectorized_path_cannot_follow_is_refused(model_py, tmp_path):

@@ -216,6 +216,10 @@ def compile_model(model, warm_up):
             f"torch_compile failed ({type(e).__name__}: {first}); a C++ compiler (g++) must "
             "be installed, or set torch_compile to 0"
         ) from e
+    # From here on, a graph compiled while serving (an input the warm-up did not cover:
+    # another stride, a guard on some other state) stalls the instance for seconds: the log
+    # says why.
+    torch._logging.set_logs(recompiles=True)
     return compiled, time.perf_counter() - start
 
 
