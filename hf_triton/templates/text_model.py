@@ -225,8 +225,9 @@ class TritonPythonModel:
             return {name: encoded[name].astype(np.int64) for name in self.output_names}
         import torch
 
-        feed = {k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs}
-        with torch.inference_mode():
+        with torch.inference_mode():  # the inputs too, as the warm-up makes them: a compiled
+            # model's guards tell inference tensors from others (a graph each, ~10 s apiece)
+            feed = {k: torch.from_numpy(encoded[k]).to(self.device) for k in self.model_inputs}
             out = self.model(**feed)
         if self.entities is not None:
             logits = out.logits.float().cpu().numpy()
