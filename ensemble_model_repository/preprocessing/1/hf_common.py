@@ -213,8 +213,8 @@ def compile_model(model, warm_up):
     except Exception as e:  # Dynamo's and Inductor's errors: the model cannot be served so
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ModelError(
-            f"torch_compile failed ({type(e).__name__}: {first}); a C++ compiler (g++) must "
-            "be installed, or set torch_compile to 0"
+            f"torch_compile failed ({type(e).__name__}: {first}); Inductor needs a C++ "
+            "compiler (g++) on the PATH: install one, or set torch_compile to 0 to serve eager"
         ) from e
     # From here on, a graph compiled while serving (an input the warm-up did not cover:
     # another stride, a guard on some other state) stalls the instance for seconds: the log
