@@ -43,12 +43,27 @@ LABELS = "labels.txt"
 ONNX_NO_SPINNING = "session.intra_op.allow_spinning"
 #: ONNX Runtime's session option: "1", its threads spin within a run and stop when it ends.
 ONNX_SPIN_STOP = "session.force_spinning_stop"
+#: The Python-based backend's own parameter: "auto" chooses one of the two above when it loads.
+ONNX_SPINNING = "intra_op_spinning"
+#: What ONNX Runtime's threads do while they wait for work (``--onnx-spin``).
+ONNX_SPIN_MODES = ("auto", "never", "within-run")
 
 
-def onnx_spin_parameter(within_run: bool) -> tuple[str, str, str]:
-    """The ONNX step's spinning setting as (ONNX Runtime session key, value, comment): its
-    threads sleep whenever they wait (the default), or spin within a run and stop after it."""
-    if within_run:
+def onnx_spin_parameter(mode: str) -> tuple[str, str, str]:
+    """The ONNX step's spinning setting as (parameter key, value, comment): ``auto`` (the
+    default) lets the Python-based backend choose on the machine that serves it; ``never``
+    and ``within-run`` are ONNX Runtime's own session options."""
+    if mode == "auto":
+        return (
+            ONNX_SPINNING,
+            "auto",
+            "Read by the Python-based backend when it loads: ONNX Runtime's threads\n"
+            "spin between the operators of a run (and sleep once it ends) on a CPU\n"
+            "with AMX, where every model measured served faster so; elsewhere they\n"
+            'sleep while they wait for work (README, "Throughput"). Set never or\n'
+            "within_run to choose yourself.",
+        )
+    if mode == "within-run":
         return (
             ONNX_SPIN_STOP,
             "1",
@@ -56,13 +71,15 @@ def onnx_spin_parameter(within_run: bool) -> tuple[str, str, str]:
             "its threads spin between the operators of a run and sleep once it ends\n"
             '(left spinning after it, they stalled requests by ~0.5 s; README,\n"Throughput").',
         )
-    return (
-        ONNX_NO_SPINNING,
-        "0",
-        "ONNX Runtime's own session option, read by the Python-based backend: its\n"
-        "threads sleep while they wait for work. Left spinning, they stalled\n"
-        'requests by ~0.5 s on a 2-core CPU (README, "Throughput").',
-    )
+    if mode == "never":
+        return (
+            ONNX_NO_SPINNING,
+            "0",
+            "ONNX Runtime's own session option, read by the Python-based backend: its\n"
+            "threads sleep while they wait for work. Left spinning, they stalled\n"
+            'requests by ~0.5 s on a 2-core CPU (README, "Throughput").',
+        )
+    raise ValueError(f"onnx spin must be one of {', '.join(ONNX_SPIN_MODES)}, not {mode!r}")
 
 
 @dataclass
@@ -90,11 +107,12 @@ class BuildOptions:
     preprocessing_instances: int = 1
     #: ONNX Runtime threads per instance (0: one per physical core).
     intra_op_threads: int = 0
-    #: ONNX Runtime's threads spin between the operators of a run and sleep once it ends,
-    #: instead of sleeping whenever they wait (the default). Faster for models of many
-    #: operators (int8 ViT-base on the AMX kind: 7 ms less per request at concurrency 1),
-    #: slower for small ones (all-MiniLM-L6-v2 on AVX2); ``hf-triton optimize`` measures it.
-    onnx_spin_within_run: bool = False
+    #: What ONNX Runtime's threads do while they wait for work: spin between the operators of
+    #: a run and sleep once it ends ("within-run"), or always sleep ("never"). Within a run is
+    #: faster on the AMX kind for every model measured (int8 ViT-base: 7 ms less per request
+    #: at concurrency 1), slower for all-MiniLM-L6-v2 on AVX2. "auto": the serving machine's
+    #: backend chooses by its CPU; ``hf-triton optimize`` measures both.
+    onnx_spin: str = "auto"
     #: PyTorch threads per instance of the Python pipeline (0: PyTorch's default).
     torch_threads: int = 0
     #: The Python pipeline's model compiled by torch.compile while it loads (fp32, bf16; CPU).
@@ -409,6 +427,10 @@ def build(
         raise tasks.UnsupportedModel(
             f"aggregation strategy {options.aggregation_strategy!r}: one of "
             f"{', '.join(AGGREGATION_STRATEGIES)}"
+        )
+    if options.onnx_spin not in ONNX_SPIN_MODES:
+        raise tasks.UnsupportedModel(
+            f"--onnx-spin {options.onnx_spin!r}: one of {', '.join(ONNX_SPIN_MODES)}"
         )
     spec.check()
     task = spec.task
@@ -862,7 +884,7 @@ def _write_onnx_config(
                     "Read by the Python-based backend; the native "
                     "one takes `optimization { graph { level } }`.",
                 ),
-                onnx_spin_parameter(options.onnx_spin_within_run),
+                onnx_spin_parameter(options.onnx_spin),
                 *(
                     [(export.TOWER_PARAMETER, tower, "The image-text model's tower.")]
                     if tower

@@ -301,7 +301,7 @@ def _build(args: argparse.Namespace) -> int:
         max_queue_size=args.max_queue_size,
         queue_timeout_ms=args.queue_timeout_ms,
         max_queue_delay_us=args.max_queue_delay_us,
-        onnx_spin_within_run=args.onnx_spin_within_run,
+        onnx_spin=args.onnx_spin,
         torch_compile=args.torch_compile,
         preferred_batch_size=args.preferred_batch_size,
         instance_kind=args.instance_kind,
@@ -519,11 +519,21 @@ def build_parser() -> argparse.ArgumentParser:
         "your clients keep in flight; default 0: none)",
     )
     bu.add_argument(
+        "--onnx-spin",
+        choices=["auto", "never", "within-run"],
+        default="auto",
+        help="ONNX steps: what ONNX Runtime's threads do while they wait for work: spin "
+        "between the operators of a request and sleep after it (within-run), or always sleep "
+        "(never); default auto: the serving machine's backend chooses within-run where its "
+        "CPU has AMX (faster for every model measured there) and never elsewhere; "
+        "hf-triton optimize measures both",
+    )
+    bu.add_argument(
         "--onnx-spin-within-run",
-        action="store_true",
-        help="ONNX steps: ONNX Runtime's threads spin between the operators of a request and "
-        "sleep after it (default: they always sleep while waiting); faster for large models, "
-        "slower for small ones: hf-triton optimize measures it",
+        dest="onnx_spin",
+        action="store_const",
+        const="within-run",
+        help="the same as --onnx-spin within-run",
     )
     bu.add_argument(
         "--torch-compile",

@@ -413,9 +413,10 @@ class _Reloader:
                 threads = values["intra_op_threads"]
                 params = config.setdefault("parameters", {})
                 params["intra_op_thread_count"] = {"string_value": str(threads)}
-                for key in (build.ONNX_NO_SPINNING, build.ONNX_SPIN_STOP):
+                for key in (build.ONNX_NO_SPINNING, build.ONNX_SPIN_STOP, build.ONNX_SPINNING):
                     params.pop(key, None)
-                key, value, _ = build.onnx_spin_parameter(bool(values["onnx_spin_within_run"]))
+                spin = "within-run" if values["onnx_spin_within_run"] else "never"
+                key, value, _ = build.onnx_spin_parameter(spin)
                 params[key] = {"string_value": value}
             if role == "python":
                 params = config.setdefault("parameters", {})
@@ -426,6 +427,15 @@ class _Reloader:
 
     def close(self) -> None:
         self.client.close()
+
+
+def spins_within_run(mode: str) -> bool:
+    """Whether ONNX Runtime's threads spin within a run under ``--onnx-spin MODE`` on this
+    machine's CPU (``auto``: where it has AMX, as the Python-based backend chooses for a
+    KIND_CPU instance, which every candidate's ONNX step is)."""
+    if mode == "auto":
+        return hardware.detect().amx
+    return mode == "within-run"
 
 
 def check_knobs(knobs: list[str]) -> None:
@@ -443,7 +453,9 @@ def _trial(
         threads = "torch_threads" if c.approach == "python" else "intra_op_threads"
         kind = "torch threads" if c.approach == "python" else "threads"
         return f"2 instances x {split} {kind}", {"instances": 2, threads: split}
-    if knob == "spin" and c.approach == "ensemble":
+    if knob == "spin" and c.approach == "ensemble":  # the other of the two
+        if best["onnx_spin_within_run"]:
+            return "ONNX Runtime's threads never spin", {"onnx_spin_within_run": 0}
         return "ONNX Runtime's threads spin within a request", {"onnx_spin_within_run": 1}
     if knob == "delay":
         return "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}
@@ -482,7 +494,8 @@ def tune(
         "preprocessing_instances": 1,
         "intra_op_threads": 0,
         "torch_threads": 0,
-        "onnx_spin_within_run": int(options.options.onnx_spin_within_run),
+        # As built; "auto" is what the backend chooses on this machine.
+        "onnx_spin_within_run": int(spins_within_run(options.options.onnx_spin)),
         "max_queue_delay_us": options.options.max_queue_delay_us,
         "preferred_batch_size": options.options.preferred_batch_size,
     }
@@ -725,6 +738,8 @@ def write_winner(
     config; its model.onnx is the gated one that was measured."""
     fields = {f.name for f in dataclasses.fields(options.options)}
     changes: dict[str, Any] = {k: v for k, v in tuned.items() if k in fields}
+    if "onnx_spin_within_run" in tuned:  # measured here: written as chosen, not "auto"
+        changes["onnx_spin"] = "within-run" if tuned["onnx_spin_within_run"] else "never"
     chosen = dataclasses.replace(
         options.options,
         precision=winner.precision,

@@ -100,26 +100,44 @@ def test_unknown_checkpoint_offline_is_a_clear_error(monkeypatch):
         checkpoints.resolve("./no/such/dir")
 
 
-def test_onnx_session_switch_with_a_wrong_value_is_refused_by_name(tmp_path):
+def test_onnx_spinning_settings_that_cannot_be_honoured_are_refused_by_name(tmp_path):
     """ONNX Runtime takes any value of its "0"/"1" session options silently: the backend does
-    not, and the launcher names the model, the parameter and the value."""
+    not, nor an ``intra_op_spinning`` it does not know or one that contradicts ONNX Runtime's
+    own option; the launcher names the model, the parameter and the value."""
     import onnx
     from onnx import TensorProto, helper
 
     repo = tmp_path / "repo"
-    (repo / "spin" / "1").mkdir(parents=True)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
-    onnx.save(helper.make_model(graph), repo / "spin" / "1" / "model.onnx")
-    (repo / "spin" / "config.pbtxt").write_text(
-        'name: "spin"\nbackend: "onnxruntime"\n'
-        'parameters { key: "session.intra_op.allow_spinning" value { string_value: "no" } }\n'
-    )
+    settings = {
+        "switch": {"session.intra_op.allow_spinning": "no"},
+        "mode": {"intra_op_spinning": "always"},
+        "both": {"intra_op_spinning": "auto", "session.force_spinning_stop": "1"},
+    }
+    for name, params in settings.items():
+        (repo / name / "1").mkdir(parents=True)
+        onnx.save(helper.make_model(graph), repo / name / "1" / "model.onnx")
+        (repo / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nbackend: "onnxruntime"\n'
+            + "".join(
+                f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n'
+                for k, v in params.items()
+            )
+        )
     run = run_cli(*_serve_args(tmp_path, "--model-repository", str(repo)), timeout=180)
     assert run.returncode == 1
-    assert "spin" in run.stderr
-    assert "parameter session.intra_op.allow_spinning must be 0 or 1, not 'no'" in run.stderr
+    assert "switch: parameter session.intra_op.allow_spinning must be 0 or 1, not 'no'" in (
+        run.stderr
+    )
+    assert "mode: parameter intra_op_spinning must be auto, never or within_run, not 'always'" in (
+        run.stderr
+    )
+    assert (
+        "both: parameter intra_op_spinning and ONNX Runtime's own session.force_spinning_stop "
+        "both set how its threads spin; keep one" in run.stderr
+    )
 
 
 def test_cli_reports_missing_model_onnx_load_failure(tmp_path, tiny_checkpoint):

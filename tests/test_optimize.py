@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,7 +148,9 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     preferred = tuned["preferred_batch_size"]
     assert (f"preferred_batch_size: [ {preferred} ]" in config) is bool(preferred), config
     if winner["approach"] == "ensemble":  # int8 ONNX Runtime: the spin knob was tried on it
-        assert any(t["change"].startswith("ONNX Runtime's threads spin") for t in report["trials"])
+        # The other of what "auto" chose on this machine was tried.
+        tried = "never spin" if optimize.spins_within_run("auto") else "spin within a request"
+        assert any(t["change"] == f"ONNX Runtime's threads {tried}" for t in report["trials"])
         spins = '"session.force_spinning_stop"' in config
         assert spins is bool(tuned["onnx_spin_within_run"]) is ("allow_spinning" not in config)
     threads = "torch_threads" if winner["approach"] == "python" else "intra_op_thread_count"
@@ -259,11 +262,18 @@ def test_finalists_are_the_best_served_and_the_best_bare():
     assert optimize.select_finalists([fp32, bf16], 1) == [bf16]
 
 
-def test_spin_knob_is_for_the_onnx_step_only():
+def test_spin_knob_is_for_the_onnx_step_only_and_tries_the_other_setting():
     python = optimize.Candidate("x", "bf16", "python")
-    assert optimize._trial("spin", python, 2, {}, 8, 8) is None
+    assert optimize._trial("spin", python, 2, {"onnx_spin_within_run": 0}, 8, 8) is None
     ensemble = optimize.Candidate("x", "int8", "ensemble")
-    assert optimize._trial("spin", ensemble, 2, {}, 8, 8)[1] == {"onnx_spin_within_run": 1}
+    for spins in (0, 1):
+        _, change = optimize._trial("spin", ensemble, 2, {"onnx_spin_within_run": spins}, 8, 8)
+        assert change == {"onnx_spin_within_run": 1 - spins}
+    # "auto", as built, is what the backend chooses on this machine: within a run with AMX.
+    amx = "amx_tile" in Path("/proc/cpuinfo").read_text()
+    assert optimize.spins_within_run("auto") is amx
+    assert optimize.spins_within_run("never") is False
+    assert optimize.spins_within_run("within-run") is True
 
 
 def test_preferred_batch_size_is_written_loaded_and_served(tmp_path, tiny_checkpoint):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,13 +67,22 @@ def test_vit_config_auto_completed_from_onnx(server):
     assert sorted(o["name"] for o in cfg["output"]) == sorted(OUTPUTS)
 
 
-def test_onnx_step_threads_do_not_spin(server):
-    """The generated config sets ONNX Runtime's own session option and the Python-based backend
-    applies it: ONNX Runtime's threads left spinning stalled requests by ~0.5 s here."""
+def test_onnx_step_spinning_is_chosen_for_the_cpu_it_runs_on(server):
+    """The generated config leaves it to the Python-based backend (``intra_op_spinning: auto``),
+    which chooses by the CPU it loads on: ONNX Runtime's threads spin within a run where the
+    CPU has AMX (every model measured there served faster so), and never elsewhere (left
+    spinning after a run they stalled requests by ~0.5 s on 2 cores)."""
     with httpclient.InferenceServerClient(url=server.url) as client:
         params = client.get_model_config("vit")["parameters"]
-    assert params["session.intra_op.allow_spinning"]["string_value"] == "0"
-    assert "session.intra_op.allow_spinning=0" in server.launched.log()
+    assert params["intra_op_spinning"]["string_value"] == "auto"
+    assert "allow_spinning" not in params and "session.force_spinning_stop" not in params
+    log = server.launched.log()
+    if "amx_tile" in Path("/proc/cpuinfo").read_text():
+        assert "session.force_spinning_stop=1, intra_op_spinning=within_run (auto: this CPU" in log
+        assert "allow_spinning" not in log
+    else:
+        assert "session.intra_op.allow_spinning=0, intra_op_spinning=never (auto: this CPU" in log
+        assert "force_spinning_stop" not in log
 
 
 def test_served_config_names_the_weights(server):
@@ -140,17 +150,18 @@ def test_liveness_probe_passes_on_a_healthy_server(server, monkeypatch):
 def test_onnx_step_may_spin_within_a_request_and_serves_the_same(
     tmp_path, tiny_checkpoint, reference, photo
 ):
-    """`build --onnx-spin-within-run` (what `optimize` may choose): ONNX Runtime's threads spin
-    between a request's operators and stop when it ends; the backend applies it, the answers
-    stay transformers'."""
+    """`build --onnx-spin within-run` (what `optimize` may choose, and what auto chooses on a
+    CPU with AMX): ONNX Runtime's threads spin between a request's operators and stop when it
+    ends; the backend applies it, the answers stay transformers'."""
     from conftest import launch
 
     out = tmp_path / "built"
     args = ["--model", str(tiny_checkpoint), "--out", str(out), "--approach", "ensemble"]
-    run = run_cli("build", *args, "--onnx-spin-within-run", timeout=300)
+    run = run_cli("build", *args, "--onnx-spin", "within-run", timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     config = (out / "ensemble_model_repository" / "vit" / "config.pbtxt").read_text()
     assert '"session.force_spinning_stop"' in config and "allow_spinning" not in config
+    assert "intra_op_spinning" not in config
     launched = launch([out / "ensemble_model_repository"], tmp_path / "work", tiny_checkpoint)
     try:
         assert "session.force_spinning_stop=1" in launched.log()
