@@ -78,8 +78,8 @@ def _cpu_flags():
 
 def _spinning(value, gpu):
     """(spinning, why) for ``intra_op_spinning``. ``auto``: within a run on a CPU with AMX, where
-    every model measured served faster so (ViT-base fp32 and int8, all-MiniLM-L6-v2: 3-8 ms
-    less per request at concurrency 1, a few % more at 16; README, "Throughput"); never
+    every model measured served faster so (ViT-base fp32 and int8: 5-8 ms less per request at
+    concurrency 1; all-MiniLM-L6-v2: ~15% more sentences/s at 1; README, "Throughput"); never
     elsewhere (all-MiniLM-L6-v2 was slower spinning on the AVX2 kind) and on GPU instances."""
     if value != "auto":
         return value, "as configured"
@@ -207,11 +207,11 @@ class TritonPythonModel:
         entries = {k: v for k, v in sorted(params.items()) if k.startswith("session.")}
         spin_note = ""
         if "intra_op_spinning" in params:
-            value = params["intra_op_spinning"]
+            value = params["intra_op_spinning"].replace("-", "_")  # build's spelling too
             if value not in ("auto", *_SPINNING):
                 raise pb_utils.TritonModelException(
                     f"{config['name']}: parameter intra_op_spinning must be auto, never or "
-                    f"within_run, not {value!r}"
+                    f"within_run, not {params['intra_op_spinning']!r}"
                 )
             explicit = [k for k in _SPIN_KEYS if k in entries]
             if explicit:
