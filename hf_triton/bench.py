@@ -833,14 +833,15 @@ def report(
     taxes: list[Tax] | None = None,
 ) -> str:
     """The table, the per-step breakdown, the serving tax against the targets, as text."""
+    width = max([24] + [len(r.name) + 1 for r in results])  # a name never runs into the next
     lines = [
-        f"{'name':<24}{'prec':<6}{'input':<13}{'conc':>5}{'items/s':>9}{'p50 ms':>9}"
+        f"{'name':<{width}}{'prec':<6}{'input':<13}{'conc':>5}{'items/s':>9}{'p50 ms':>9}"
         f"{'p95 ms':>9}{'p99 ms':>9}{'err':>5}{'KB/item':>9}  stable  check"
     ]
     for r in results:
         rate = f"{r.throughput:>9.2f}"
         lines.append(
-            f"{r.name:<24}{r.precision:<6}{r.input_format:<13}{r.concurrency:>5}{rate}"
+            f"{r.name:<{width}}{r.precision:<6}{r.input_format:<13}{r.concurrency:>5}{rate}"
             f"{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}{r.p99_ms:>9.1f}{r.errors:>5}"
             f"{r.bytes_per_image / 1e3:>9.1f}  {'yes' if r.stable else 'NO ':<6}  {r.check}"
         )
@@ -1107,6 +1108,8 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
     settings = options.settings
     if options.url and any(p != "fp32" for p in options.precisions):
         raise BenchError("--precisions needs the benchmark's own server (no --url)")
+    for prec in options.precisions:  # every item understood before anything is built
+        _variant(prec)
     repositories = options.repositories or list(DEFAULT_REPOSITORIES)
     checkpoint = options.checkpoint or (
         None if options.repositories else checkpoints.DEFAULT_CHECKPOINT
@@ -1132,8 +1135,8 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
                 )
                 if built is not None:
                     sources += built[0]
-                    if settings.models:  # named models: their variants too
-                        settings.models = [*settings.models, *built[1]]
+                    if settings.models:  # named models: their variants too, once each
+                        settings.models = list(dict.fromkeys([*settings.models, *built[1]]))
         deployment = Deployment.prepare(
             checkpoint,
             options.revision,
@@ -1279,6 +1282,14 @@ def _tax(
     return tax
 
 
+def _variant(prec: str) -> tuple[str, bool]:
+    """``--precisions`` item: (precision, compiled by torch.compile)."""
+    base, plus, extra = prec.partition("+")
+    if (plus and extra != "compile") or not base:
+        raise BenchError(f"--precisions {prec!r}: a precision, or one followed by +compile")
+    return base, bool(plus)
+
+
 def build_variant(
     ckpt: Any,
     prec: str,
@@ -1287,20 +1298,25 @@ def build_variant(
     models: list[str] | None = None,
 ):
     """Build the checkpoint's variant in ``prec`` (gated) under ``root``: its repositories,
-    entry models and model.onnx (if any), or None when the gate refuses it."""
+    entry models and model.onnx (if any), or None when the gate refuses it. ``prec`` is a
+    precision, or one followed by ``+compile``: the Python pipeline compiled by torch.compile
+    (``build --torch-compile``), measured against bare PyTorch compiled alike."""
     from hf_triton import build, precision
     from hf_triton.spec import ModelSpec
 
-    approach = "both" if prec in precision.ONNX_PRECISIONS else "python"
+    base, compiled = _variant(prec)
+    approach = "both" if base in precision.ONNX_PRECISIONS and not compiled else "python"
     if approach == "both" and models and all(m.startswith("ensemble") for m in models):
         approach = "ensemble"  # only ensembles are measured: no Python twin to load
+    tag = f"{base}_compiled" if compiled else base
     options = build.BuildOptions(
-        name=f"vit_{prec}",
-        preprocessing_name=f"preprocessing_{prec}",
-        ensemble_name=f"ensemble_model_{prec}",
-        precision=prec,
+        name=f"vit_{tag}",
+        preprocessing_name=f"preprocessing_{tag}",
+        ensemble_name=f"ensemble_model_{tag}",
+        precision=base,
+        torch_compile=compiled,
     )
-    out = root / prec
+    out = root / tag
     progress(f"building the {prec} variant ({approach}) and its accuracy gate")
     spec = ModelSpec.resolve(ckpt.path, checkpoint=ckpt.name)
     try:

@@ -644,8 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precisions",
         type=_csv(str),
         default=["fp32"],
-        help="e.g. fp32,bf16,int8: build (gated) and measure these variants, served "
-        "and bare, next to fp32",
+        help="e.g. fp32,bf16,int8,bf16+compile: build (gated) and measure these variants, "
+        "served and bare, next to fp32 (+compile: the Python pipeline compiled by "
+        "torch.compile, as build --torch-compile, against bare PyTorch compiled alike)",
     )
     b.add_argument(
         "--url",

@@ -243,3 +243,24 @@ def test_text_checkpoint_for_the_default_vit_repositories_is_refused_upfront(tmp
     assert "is a text-feature-extraction model" in str(err.value)
     assert f"hf-triton build --model {ckpt} --out DIR" in str(err.value)
     assert not workdir.exists()  # nothing staged, no server
+
+
+def test_unknown_precisions_item_is_refused_before_anything_is_built(tmp_path):
+    workdir = tmp_path / "work"
+    for item in ("bf16+fast", "+compile"):
+        with pytest.raises(bench.BenchError, match="a precision, or one followed by \\+compile"):
+            bench.run(bench.BenchRun(precisions=["fp32", item], workdir=workdir))
+    assert not workdir.exists()
+
+
+def test_report_table_keeps_long_model_names_apart_from_their_precision():
+    """A built variant's name may be longer than the name column (python_vit_bf16_compiled)."""
+    rows = [
+        bench.Result(name, "uint8", 1, 10.0, 1.0, 2.0, 3.0, 10, 0, 0, [10.0], True, "bf16")
+        for name in ("python_vit", "python_vit_bf16_compiled_longer")
+    ]
+    table = bench.report(rows, None).splitlines()
+    assert table[0].startswith("name ") and "prec" in table[0]
+    for line, row in zip(table[1:3], rows, strict=True):
+        assert line.split()[:2] == [row.name, "bf16"], line
+        assert line[table[0].index("prec") :].startswith("bf16 "), line  # columns aligned

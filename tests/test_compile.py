@@ -1,12 +1,14 @@
 """`build --torch-compile`: the Python pipeline's model compiled by torch.compile while it loads,
 gated against eager fp32, served by the real server and checked against references we did not
 write (transformers' processor + model, sentence-transformers), at a batch of one and larger
-batches (two compiled graphs). Tiny models: every one is compiled twice (the build's gate, then
+batches (two compiled graphs), and measured by the benchmark against bare PyTorch compiled
+alike. Tiny models: every one is compiled twice (the build's gate, then
 the stub), and a real all-MiniLM-L6-v2 made this the suite's slowest test; the real MiniLM
 compiled in bf16 is measured and gated by `hf-triton optimize` (docs/optimize)."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from PIL import Image
+from test_bench import run_bench
 from test_precision import SMALL_VIT
 from test_text import SENTENCES, send_text
 
@@ -101,6 +104,17 @@ def test_compiled_pipelines_serve_the_references_answers(tmp_path, photo):
             want = st.encode(texts, convert_to_numpy=True)
             cosines = _cosines(got, want)
             assert cosines.min() >= precision.MIN_COSINE, cosines  # bf16: the gate's bound
+        # The benchmark measures it against bare PyTorch compiled as model.py compiles it, and
+        # checks the served answer against that first.
+        out = tmp_path / "bench"
+        run = run_bench(
+            "--url", launched.url, "--protocol", "http", "--models", "python_cvit",
+            "--formats", "uint8", "--concurrency", "1", "--out", str(out),
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+        assert set(rows) == {"python_cvit", "bare-pytorch-compiled"}, rows
+        assert rows["python_cvit"]["check"].startswith("ok (cos"), rows["python_cvit"]
         log = launched.log()
         assert "python_cvit: processor + ViTModel (torch.compile: " in log
         assert "python_cst: tokenizer + BertModel (torch.compile: " in log
