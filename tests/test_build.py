@@ -230,3 +230,28 @@ def test_instances_flag_sets_the_instance_group_count_and_zero_is_refused(
     no = run_cli(*common, "--instances", "0", "--out", str(tmp_path / "no"))
     assert no.returncode != 0 and "--instances 0: 1 or more" in no.stdout + no.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_onnx_spin_writes_the_backends_auto_or_onnx_runtimes_own_key(tmp_path, tiny_checkpoint):
+    """`--onnx-spin` (default auto: the backend chooses when it loads), never / within-run as
+    ONNX Runtime's own session options; anything else refused before writing."""
+    from hf_triton.build import BuildOptions, build
+    from hf_triton.serve import read_config
+    from hf_triton.spec import ModelSpec
+    from hf_triton.tasks import UnsupportedModel
+
+    spec = ModelSpec.resolve(tiny_checkpoint)
+    expected = {
+        "auto": ("intra_op_spinning", "auto"),
+        "never": ("session.intra_op.allow_spinning", "0"),
+        "within-run": ("session.force_spinning_stop", "1"),
+    }
+    for mode, (key, value) in expected.items():
+        out = tmp_path / mode
+        build(spec, out, "ensemble", BuildOptions(onnx_spin=mode), export_onnx=False)
+        params = read_config(out / "ensemble_model_repository" / "vit" / "config.pbtxt").parameters
+        spinning = {k: p.string_value for k, p in params.items() if "spin" in k}
+        assert spinning == {key: value}, (mode, spinning)
+    with pytest.raises(UnsupportedModel, match="--onnx-spin 'sometimes': one of auto, never"):
+        build(spec, tmp_path / "no", "ensemble", BuildOptions(onnx_spin="sometimes"))
+    assert not (tmp_path / "no").exists()
