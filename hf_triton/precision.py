@@ -437,7 +437,9 @@ Runner = Callable[[list[Any]], list[np.ndarray]]
 def compile_torch(module: Any, warm_up: Callable[[Any, int], Any]) -> Any:
     """``module`` compiled as model.py compiles it (:func:`hf_common.compile_model`)."""
     try:
-        compiled, seconds = hf_common.compile_model(module, warm_up)
+        # No recompile log here: the next module compiled in this process (the benchmark's
+        # bare run after the gate's) would be logged as a recompile of the same forward.
+        compiled, seconds = hf_common.compile_model(module, warm_up, log_recompiles=False)
     except hf_common.ModelError as e:
         raise HfTritonError(str(e)) from e
     log.info("torch.compile: %.1f s (batches of 1 and 2)", seconds)

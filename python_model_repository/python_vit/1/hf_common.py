@@ -174,9 +174,11 @@ def wants_compile(params, precision, target):
     return True
 
 
-def compile_model(model, warm_up):
+def compile_model(model, warm_up, log_recompiles=True):
     """``model`` compiled by torch.compile (Inductor, shapes dynamic, weights frozen into the
-    graph), and the seconds compiling took.
+    graph), and the seconds compiling took. ``log_recompiles``: from then on PyTorch logs every
+    graph compiled in this process, with its reason (model.py; not the tools, whose process
+    compiles one module after another).
 
     ``warm_up(module, batch)`` runs ``module`` on a batch of ``batch`` examples. It runs here
     for a batch of one and of two: PyTorch compiles a batch of one as a graph of its own and any
@@ -219,7 +221,8 @@ def compile_model(model, warm_up):
     # From here on, a graph compiled while serving (an input the warm-up did not cover:
     # another stride, a guard on some other state) stalls the instance for seconds: the log
     # says why.
-    torch._logging.set_logs(recompiles=True)
+    if log_recompiles:
+        torch._logging.set_logs(recompiles=True)
     return compiled, time.perf_counter() - start
 
 
