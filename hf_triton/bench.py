@@ -1284,9 +1284,16 @@ def _tax(
 
 def _variant(prec: str) -> tuple[str, bool]:
     """``--precisions`` item: (precision, compiled by torch.compile)."""
+    from hf_triton.templates.hf_common import COMPILE_PRECISIONS
+
     base, plus, extra = prec.partition("+")
     if (plus and extra != "compile") or not base:
         raise BenchError(f"--precisions {prec!r}: a precision, or one followed by +compile")
+    if plus and base not in COMPILE_PRECISIONS:
+        raise BenchError(
+            f"--precisions {prec!r}: +compile follows {' or '.join(COMPILE_PRECISIONS)} "
+            "(as build --torch-compile)"
+        )
     return base, bool(plus)
 
 

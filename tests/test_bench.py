@@ -250,6 +250,8 @@ def test_unknown_precisions_item_is_refused_before_anything_is_built(tmp_path):
     for item in ("bf16+fast", "+compile"):
         with pytest.raises(bench.BenchError, match="a precision, or one followed by \\+compile"):
             bench.run(bench.BenchRun(precisions=["fp32", item], workdir=workdir))
+    with pytest.raises(bench.BenchError, match="'int8\\+compile': \\+compile follows fp32 or bf16"):
+        bench.run(bench.BenchRun(precisions=["int8+compile"], workdir=workdir))
     assert not workdir.exists()
 
 
