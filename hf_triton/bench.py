@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +114,13 @@ class Result:
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
     #: served: model -> requests per execution Triton ran while this was measured
     batch_sizes: dict[str, float] = field(default_factory=dict)
-    #: served: CPU cores the load generator (this process) kept busy meanwhile -- on a small
-    #: machine it competes with the server for the cores bare runs have to themselves
+    #: CPU cores this process kept busy meanwhile: served, the load generator's (on a small
+    #: machine it competes with the server for the cores bare runs have to themselves); bare,
+    #: the runtime's own
     client_cores: float = 0.0
+    #: served, when the server runs on this host: CPU cores its processes kept busy meanwhile,
+    #: "tritonserver" and each model's Python-backend stubs (its instances summed) by model name
+    server_cores: dict[str, float] = field(default_factory=dict)
 
     @property
     def served(self) -> bool:
@@ -544,9 +548,12 @@ def bare_batches(target: Target, concurrency: list[int]) -> list[int]:
 
 def bench_bare(bare: Bare, examples: list[Any], batch: int, settings: BenchSettings) -> Result:
     feed = bare.feed((examples * batch)[:batch])
+    cpu, wall = time.process_time(), time.perf_counter()
     windows, lat, errors, stable = measure_blocking(lambda: bare.forward(feed), settings, batch)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     result = _result(bare.name, _bare_format(bare), batch, windows, lat, errors, 0, stable)
     result.precision, result.unit = bare.target.precision, bare.target.unit
+    result.client_cores = cpu / wall if wall > 0 else 0.0
     return result
 
 
@@ -555,6 +562,83 @@ def _bare_format(bare: Bare) -> str:
 
 
 # -- served -------------------------------------------------------------------------------
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0"}
+
+
+def _argv(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+    except OSError:  # gone, or not ours to read
+        return []
+
+
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): state, ppid, ..."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return []
+    return text[text.rindex(")") + 2 :].split()
+
+
+def server_processes(url: str, protocol: str) -> dict[int, str]:
+    """The Triton server behind ``url`` when it runs on this host, and its Python-backend stubs:
+    pid -> "tritonserver" or the model a stub serves (its model directory). The server is the
+    ``tritonserver`` whose ``--grpc-port``/``--http-port`` (Triton's defaults, 8001/8000, when
+    not given) is the URL's port. Empty for a server elsewhere, or in a container (its
+    processes are not named so here)."""
+    host, _, port = url.split("://")[-1].rstrip("/").rpartition(":")
+    if host not in _LOOPBACK or not os.path.isdir("/proc"):
+        return {}
+    flag, default = ("--grpc-port=", "8001") if protocol == "grpc" else ("--http-port=", "8000")
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    server = None
+    for pid in pids:
+        argv = _argv(pid)
+        if argv and os.path.basename(argv[0]) == "tritonserver":
+            ports = [a[len(flag) :] for a in argv if a.startswith(flag)]
+            if (ports[-1] if ports else default) == port:
+                server = int(pid)
+    if server is None:
+        return {}
+    found = {server: "tritonserver"}
+    for pid in pids:
+        fields = _stat(pid)
+        if len(fields) < 2 or fields[1] != str(server):
+            continue
+        argv = _argv(pid)
+        if argv and os.path.basename(argv[0]) == "triton_python_backend_stub" and len(argv) > 1:
+            parts = Path(argv[1]).parts  # <repository>/<model>/<version>/model.py
+            found[int(pid)] = parts[-3] if len(parts) >= 3 else "stub"
+    return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds each process has used so far (all its threads, ended ones
+    included); a process that is gone is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for pid in pids:
+        fields = _stat(pid)
+        if len(fields) > 12:
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def cores_busy(
+    processes: dict[int, str], before: dict[int, float], after: dict[int, float], wall: float
+) -> dict[str, float]:
+    """CPU cores each kind of process kept busy between ``before`` and ``after``: the server,
+    then every model's stubs by name (the measured model's and the others': all share the
+    cores)."""
+    cores: dict[str, float] = {}
+    for pid, label in processes.items():
+        if pid in before and pid in after and wall > 0:
+            cores[label] = cores.get(label, 0.0) + (after[pid] - before[pid]) / wall
+    return dict(sorted(cores.items(), key=lambda kv: (kv[0] != "tritonserver", kv[0])))
 
 
 def _client(protocol: str, url: str):
@@ -585,14 +669,18 @@ async def bench_served(
             tensor.set_data_from_numpy(data)
             await client.infer(target.model, [tensor])
 
+        processes = server_processes(url, settings.protocol)
+        before = cpu_seconds(processes)
         cpu, wall = time.process_time(), time.perf_counter()
         windows, lat, errors, stable = await measure(call, conc, settings)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        after = cpu_seconds(processes)
     finally:
         await client.close()
     result = _result(target.model, fmt, conc, windows, lat, errors, payload_bytes(data), stable)
     result.precision, result.unit = target.precision, target.unit
     result.client_cores = cpu / wall if wall > 0 else 0.0
+    result.server_cores = cores_busy(processes, before, after, wall)
     return result
 
 
@@ -888,6 +976,23 @@ def report(
             lines.append(
                 f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {r.client_cores:.2f}"
             )
+    watched = [r for r in results if r.server_cores]
+    if watched:
+        lines.append("")
+        lines.append(
+            f"CPU cores busy, per process on this host (of {os.cpu_count()}; served: the "
+            "server's processes and the load generator, bare: the runtime alone):"
+        )
+        for r in results:
+            if r.served and not r.server_cores:
+                continue
+            cores = [f"{k} {v:.2f}" for k, v in r.server_cores.items()]
+            cores.append(f"{'load generator' if r.served else 'bare runtime'} {r.client_cores:.2f}")
+            total = sum(r.server_cores.values()) + r.client_cores
+            lines.append(
+                f"  {r.name:<24} {r.input_format:<12} c={r.concurrency:<3} "
+                f"{', '.join(cores)}; total {total:.2f}"
+            )
     variants = sorted({(r.name, r.precision) for r in results if r.precision != "fp32"})
     fp32_ort = best([r for r in results if r.precision == "fp32"], "bare-onnxruntime")
     if variants and fp32_ort:
@@ -1015,7 +1120,7 @@ def save(
     }
     paths["json"].write_text(json.dumps(data, indent=2))
     with paths["csv"].open("w", newline="") as f:
-        columns = [k for k in rows[0] if k != "breakdown"]
+        columns = [k for k in rows[0] if k not in ("breakdown", "server_cores")]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

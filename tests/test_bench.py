@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -114,6 +115,21 @@ def test_benchmark_smoke(server, tmp_path):
     served = [r for r in data["results"] if not r["name"].startswith("bare")]
     assert all(0 < r["client_cores"] <= os.cpu_count() for r in served)  # the client's CPU
     assert "Load generator (this process), CPU cores busy while serving" in run.stdout
+    # The server runs here: its processes' CPU while serving, found by the port it listens on
+    # (the suite's other servers run beside it), each Python-backend stub by its model.
+    for r in served:
+        assert {"tritonserver", "python_vit", "preprocessing", "vit"} <= set(r["server_cores"])
+        assert "ensemble_model" not in r["server_cores"], r  # an ensemble has no process
+        assert all(0 <= c <= os.cpu_count() for c in r["server_cores"].values()), r
+        assert sum(r["server_cores"].values()) > 0, r
+        # the model measured computes in its stub; the other approach's stub sits idle
+        busy, idle = ("python_vit", "vit") if r["name"] == "python_vit" else ("vit", "python_vit")
+        assert r["server_cores"][busy] > r["server_cores"][idle], r
+    bare_rows = [r for r in data["results"] if r["name"].startswith("bare")]
+    assert all(0 < r["client_cores"] <= os.cpu_count() + 0.1 for r in bare_rows)
+    assert "CPU cores busy, per process on this host" in run.stdout
+    line = r"ensemble_model +uint8 +c=2 +tritonserver [0-9.]+, .*vit [0-9.]+, load generator"
+    assert re.search(line, run.stdout), run.stdout
     assert "Requests per batch Triton ran, per step" in run.stdout
     assert {t["model"] for t in data["taxes"]} == {"python_vit", "ensemble_model"}
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
@@ -266,3 +282,20 @@ def test_report_table_keeps_long_model_names_apart_from_their_precision():
     for line, row in zip(table[1:3], rows, strict=True):
         assert line.split()[:2] == [row.name, "bf16"], line
         assert line[table[0].index("prec") :].startswith("bf16 "), line  # columns aligned
+
+
+def test_server_processes_only_for_a_server_on_this_host(server):
+    """The server's processes are found by the port it listens on, on this host only: another
+    port, or a host elsewhere, finds none (nothing is attributed to the wrong server)."""
+    port = server.grpc_url.rpartition(":")[2]
+    found = bench.server_processes(f"127.0.0.1:{port}", "grpc")
+    assert sorted(found.values()).count("tritonserver") == 1, found
+    assert {"python_vit", "preprocessing", "vit"} <= set(found.values()), found
+    http_port = server.url.rpartition(":")[2]
+    assert bench.server_processes(f"localhost:{http_port}", "http") == found
+    assert bench.server_processes(f"127.0.0.1:{http_port}", "grpc") == {}  # not its gRPC port
+    assert bench.server_processes(f"203.0.113.7:{port}", "grpc") == {}  # not this host
+    before = bench.cpu_seconds(found)
+    assert set(before) == set(found) and all(s > 0 for s in before.values()), before
+    cores = bench.cores_busy(found, before, {pid: s + 0.5 for pid, s in before.items()}, 1.0)
+    assert next(iter(cores)) == "tritonserver" and cores["tritonserver"] == pytest.approx(0.5)
