@@ -588,8 +588,8 @@ def server_processes(url: str, protocol: str) -> dict[int, str]:
     """The Triton server behind ``url`` when it runs on this host, and its Python-backend stubs:
     pid -> "tritonserver" or the model a stub serves (its model directory). The server is the
     ``tritonserver`` whose ``--grpc-port``/``--http-port`` (Triton's defaults, 8001/8000, when
-    not given) is the URL's port. Empty for a server elsewhere, or in a container (its
-    processes are not named so here)."""
+    not given) is the URL's port. Empty for a server on another host, or one this host's
+    /proc does not show with that port (a container publishing it under another)."""
     host, _, port = url.split("://")[-1].rstrip("/").rpartition(":")
     if host not in _LOOPBACK or not os.path.isdir("/proc"):
         return {}
