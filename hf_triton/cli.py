@@ -705,12 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--tune",
         type=_csv(str),
-        default=["instances", "spin", "delay", "batch", "preprocessing"],
+        default=["instances", "spin", "delay", "batch", "preprocessing", "queue"],
         help="knobs to search for the winner, in this order: instances (ONNX Runtime or "
         "PyTorch threads split between them), spin (ONNX Runtime's threads spin within a "
         "request), delay (the batcher's), batch (a preferred batch size: what each instance "
         "gets when every client has a request in flight), preprocessing (the ensemble's "
-        "instances); default: all",
+        "instances), queue (no queue bound, so Triton forms the next batch while one runs; "
+        "overload then waits instead of getting 503); default: all",
     )
     op.add_argument("--no-tune", action="store_true", help="keep the built Triton config")
     op.add_argument(

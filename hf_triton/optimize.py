@@ -95,7 +95,7 @@ YARDSTICK = "fp32-onnxruntime"
 #: a preferred batch size (the requests each instance gets when every client has one in
 #: flight: it goes at once instead of waiting out the delay), the ensemble's preprocessing
 #: instances.
-KNOBS = ("instances", "spin", "delay", "batch", "preprocessing")
+KNOBS = ("instances", "spin", "delay", "batch", "preprocessing", "queue")
 
 
 def candidates(machine: hardware.Machine, wanted: list[str] | None = None) -> list[Candidate]:
@@ -396,8 +396,8 @@ class _Reloader:
 
     def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
         """``values``: instances / preprocessing_instances / intra_op_threads / torch_threads /
-        onnx_spin_within_run / max_queue_delay_us / preferred_batch_size; ``models``: role ->
-        served model name."""
+        onnx_spin_within_run / max_queue_delay_us / preferred_batch_size / max_queue_size
+        (0: no queue policy; otherwise the one built); ``models``: role -> served model name."""
         for role, model in models.items():
             config = self.config(model)
             count = values["instances" if role != "preprocessing" else "preprocessing_instances"]
@@ -409,6 +409,8 @@ class _Reloader:
                 preferred = values["preferred_batch_size"]
                 if preferred or batching.get("preferred_batch_size"):
                     batching["preferred_batch_size"] = [preferred] if preferred else []
+                if not values["max_queue_size"]:
+                    batching.pop("default_queue_policy", None)
             if role == "onnx":
                 threads = values["intra_op_threads"]
                 params = config.setdefault("parameters", {})
@@ -472,6 +474,14 @@ def _trial(
         )
     if knob == "preprocessing" and c.approach == "ensemble":
         return "2 preprocessing instances", {"preprocessing_instances": 2}
+    if knob == "queue" and best["max_queue_size"]:
+        # Triton 2.51 forms the next batch while an instance runs only for a queue without a
+        # policy; with one, the batcher waits for a free instance first (README, Throughput).
+        return (
+            "unbounded queue: Triton forms the next batch while one runs (overload then "
+            "waits instead of a 503)",
+            {"max_queue_size": 0},
+        )
     return None
 
 
@@ -498,6 +508,7 @@ def tune(
         "onnx_spin_within_run": int(spins_within_run(options.options.onnx_spin)),
         "max_queue_delay_us": options.options.max_queue_delay_us,
         "preferred_batch_size": options.options.preferred_batch_size,
+        "max_queue_size": options.options.queue_size(),
     }
     reloader = _Reloader(http_url, admin_key)
     # The ONNX Runtime step: the last, or the one before a post-processing step.

@@ -106,7 +106,7 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
         "--name",
         "cls",
         "--tune",
-        "instances,spin,batch",  # the reload path; each knob more is two reloads more
+        "instances,spin,batch,queue",  # the reload path; each knob more is two reloads more
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "optimize_report.json").read_text())
@@ -147,6 +147,11 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     assert any(t["change"].startswith("preferred batch of ") for t in report["trials"])
     preferred = tuned["preferred_batch_size"]
     assert (f"preferred_batch_size: [ {preferred} ]" in config) is bool(preferred), config
+    # The queue bound was tried without (Triton then forms the next batch while one runs);
+    # the written config has the policy exactly when the bound was kept.
+    assert any(t["change"].startswith("unbounded queue") for t in report["trials"])
+    assert ("default_queue_policy" in config) is bool(tuned["max_queue_size"]), config
+    assert tuned["max_queue_size"] in (0, 16)
     if winner["approach"] == "ensemble":  # int8 ONNX Runtime: the spin knob was tried on it
         # The other of what "auto" chose on this machine was tried.
         tried = "never spin" if optimize.spins_within_run("auto") else "spin within a request"
@@ -232,6 +237,14 @@ def test_preferred_batch_trial_follows_the_current_best(
     else:
         change, delta = step
         assert (change, delta["preferred_batch_size"], delta["max_queue_delay_us"]) == want
+
+
+def test_queue_knob_tries_no_bound_only_where_there_is_one():
+    for approach in ("python", "ensemble"):
+        c = optimize.Candidate("x", "fp32", approach)
+        change, delta = optimize._trial("queue", c, 2, {"max_queue_size": 16}, 8, 8)
+        assert delta == {"max_queue_size": 0} and "503" in change
+        assert optimize._trial("queue", c, 2, {"max_queue_size": 0}, 8, 8) is None
 
 
 def test_preprocessing_knob_is_for_the_ensemble_only():
