@@ -205,6 +205,10 @@ def _batching(options: BuildOptions, comment: str) -> list[str]:
         "    allow_timeout_override: true",
         "  }",
     ]
+    unbounded = [
+        "  # No queue policy (--max-queue-size 0): Triton forms the next batch while one runs,",
+        "  # and overload waits in the queue instead of being refused with 503.",
+    ]
     delay = (
         "  # 0: a batch is whatever queued while the previous one ran; nothing waits for more\n"
         "  # (on a CPU, where compute grows with the batch, waiting only adds latency)."
@@ -226,7 +230,7 @@ def _batching(options: BuildOptions, comment: str) -> list[str]:
         delay,
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         *preferred,
-        *(policy if queue else []),
+        *(policy if queue else unbounded),
         "}",
     ]
 

@@ -94,7 +94,7 @@ YARDSTICK = "fp32-onnxruntime"
 #: split), ONNX Runtime's threads spinning within a run (the ONNX step), the batcher's delay,
 #: a preferred batch size (the requests each instance gets when every client has one in
 #: flight: it goes at once instead of waiting out the delay), the ensemble's preprocessing
-#: instances.
+#: instances, and no queue policy (Triton then forms the next batch while one runs).
 KNOBS = ("instances", "spin", "delay", "batch", "preprocessing", "queue")
 
 

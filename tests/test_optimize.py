@@ -151,6 +151,7 @@ def test_optimize_measures_chooses_tunes_and_writes_a_servable_winner(tmp_path):
     # the written config has the policy exactly when the bound was kept.
     assert any(t["change"].startswith("unbounded queue") for t in report["trials"])
     assert ("default_queue_policy" in config) is bool(tuned["max_queue_size"]), config
+    assert ("No queue policy" in config) is not bool(tuned["max_queue_size"]), config
     assert tuned["max_queue_size"] in (0, 16)
     if winner["approach"] == "ensemble":  # int8 ONNX Runtime: the spin knob was tried on it
         # The other of what "auto" chose on this machine was tried.
