@@ -397,12 +397,15 @@ class _Reloader:
     def apply(self, values: dict[str, int], models: dict[str, str]) -> None:
         """``values``: instances / preprocessing_instances / intra_op_threads / torch_threads /
         onnx_spin_within_run / max_queue_delay_us / preferred_batch_size / max_queue_size
-        (0: no queue policy; otherwise the one built); ``models``: role -> served model name."""
+        (0: no queue policy; otherwise the one built); ``models``: role (onnx, preprocessing,
+        postprocessing, python) -> served model name. A post-processing step gets the batcher's
+        settings, as build writes them for every step, and keeps its instances."""
+        counts = {"preprocessing": "preprocessing_instances", "postprocessing": ""}
         for role, model in models.items():
             config = self.config(model)
-            count = values["instances" if role != "preprocessing" else "preprocessing_instances"]
-            for group in config.get("instance_group", []):
-                group["count"] = count
+            count = counts.get(role, "instances")
+            for group in config.get("instance_group", []) if count else []:
+                group["count"] = values[count]
             if "dynamic_batching" in config:
                 batching = config["dynamic_batching"]
                 batching["max_queue_delay_microseconds"] = values["max_queue_delay_us"]
@@ -438,6 +441,18 @@ def spins_within_run(mode: str) -> bool:
     if mode == "auto":
         return hardware.detect().amx
     return mode == "within-run"
+
+
+def ensemble_roles(steps: list[str], backend: Callable[[str], str | None]) -> dict[str, str]:
+    """An ensemble's steps by role: the ONNX Runtime step (the last, or the one before a
+    post-processing step), the preprocessing step, and a post-processing step if there is one
+    (build writes it with the same batcher settings, so tuning measures it with them too)."""
+    onnx = [s for s in steps if backend(s) == "onnxruntime"]
+    roles = {"onnx": (onnx or steps)[-1], "preprocessing": steps[0]}
+    after = steps[steps.index(roles["onnx"]) + 1 :]
+    if after:
+        roles["postprocessing"] = after[0]
+    return roles
 
 
 def check_knobs(knobs: list[str]) -> None:
@@ -511,11 +526,9 @@ def tune(
         "max_queue_size": options.options.queue_size(),
     }
     reloader = _Reloader(http_url, admin_key)
-    # The ONNX Runtime step: the last, or the one before a post-processing step.
-    onnx = [s for s in target.steps if reloader.config(s).get("backend") == "onnxruntime"]
-    models = {"onnx": (onnx or target.steps)[-1], "preprocessing": target.steps[0]}
-    if c.approach == "python":
-        models = {"python": target.model}
+    models = {"python": target.model}
+    if c.approach != "python":
+        models = ensemble_roles(target.steps, lambda step: reloader.config(step).get("backend"))
     trials = []
     try:
         for knob in [k for k in KNOBS if k in options.tune]:

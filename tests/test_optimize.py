@@ -330,3 +330,66 @@ def test_finalists_must_be_one_or_more(tmp_path):
     with pytest.raises(OptimizeError, match="--finalists 0: 1 or more"):
         optimize.run(optimize.OptimizeRun("unused", tmp_path / "out", finalists=0))
     assert not (tmp_path / "out").exists()
+
+
+def test_reload_gives_a_post_processing_step_the_batcher_settings_and_keeps_its_instances():
+    """What build writes for every step of an ensemble (the batcher's delay, preferred batch,
+    queue policy) is what tuning measures on every step, post-processing included; instance
+    counts change only where a knob asks (the ONNX step, preprocessing)."""
+
+    def config(name: str, backend: str) -> dict:
+        policy = {"max_queue_size": 16, "timeout_action": "REJECT"}
+        return {
+            "name": name,
+            "backend": backend,
+            "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+            "dynamic_batching": {"max_queue_delay_microseconds": 0, "default_queue_policy": policy},
+        }
+
+    class Client:  # Triton's HTTP client as the reloader uses it: get a config, load one
+        def __init__(self) -> None:
+            self.configs = {
+                "pre": config("pre", "python"),
+                "det": config("det", "onnxruntime"),
+                "post": config("post", "python"),
+            }
+            self.loaded: dict[str, dict] = {}
+
+        def get_model_config(self, model: str) -> dict:
+            return self.configs[model]
+
+        def load_model(self, model: str, headers=None, config: str = "") -> None:
+            self.loaded[model] = json.loads(config)
+
+    reloader = optimize._Reloader.__new__(optimize._Reloader)
+    reloader.client, reloader.headers, reloader.original, reloader.loaded = Client(), None, {}, {}
+    values = {
+        "instances": 2,
+        "preprocessing_instances": 3,
+        "intra_op_threads": 1,
+        "torch_threads": 0,
+        "onnx_spin_within_run": 0,
+        "max_queue_delay_us": 2000,
+        "preferred_batch_size": 4,
+        "max_queue_size": 0,
+    }
+    reloader.apply(values, {"onnx": "det", "preprocessing": "pre", "postprocessing": "post"})
+    loaded = reloader.client.loaded
+    assert [loaded[m]["instance_group"][0]["count"] for m in ("det", "pre", "post")] == [2, 3, 1]
+    for model in ("det", "pre", "post"):
+        batching = loaded[model]["dynamic_batching"]
+        assert batching["max_queue_delay_microseconds"] == 2000, model
+        assert batching["preferred_batch_size"] == [4], model
+        assert "default_queue_policy" not in batching, model
+    assert "intra_op_thread_count" in loaded["det"]["parameters"]
+    assert "parameters" not in loaded["post"]  # the ONNX step's threads stay the ONNX step's
+
+
+def test_ensemble_roles_find_the_onnx_step_and_a_post_processing_step():
+    backends = {"pre": "python", "det": "onnxruntime", "post": "python", "vit": "onnxruntime"}
+    roles = optimize.ensemble_roles(["pre", "det", "post"], backends.get)
+    assert roles == {"onnx": "det", "preprocessing": "pre", "postprocessing": "post"}
+    assert optimize.ensemble_roles(["pre", "vit"], backends.get) == {
+        "onnx": "vit",
+        "preprocessing": "pre",
+    }
