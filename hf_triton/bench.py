@@ -10,8 +10,11 @@ same machine and in one process:
 * the model served by Triton for each input format (images: fp32, uint8, jpeg; text) at each
   concurrency, with async tritonclient (gRPC or HTTP), after one served answer per format was
   checked against the bare runtime's;
-* Triton's own per-step statistics at concurrency 1 (queue, input, compute, output for every
-  model the request passes through), so the serving tax is visible where it is paid;
+* Triton's own per-step statistics at every concurrency (queue, input, compute, output for
+  every model the request passes through), so the serving tax is visible where it is paid;
+* when the server runs on this host, the CPU cores each of its processes (``tritonserver``,
+  every model's Python-backend stubs) and the load generator kept busy, beside the bare
+  runtime's own: where the cores bare compute has to itself go when served;
 * the serving tax itself — served ÷ bare throughput at the best concurrency and the p50 added
   at concurrency 1 — from rounds that alternate bare and served windows, with their spread.
 
