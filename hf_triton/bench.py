@@ -597,25 +597,24 @@ def server_processes(url: str, protocol: str) -> dict[int, str]:
     if host not in _LOOPBACK or not os.path.isdir("/proc"):
         return {}
     flag, default = ("--grpc-port=", "8001") if protocol == "grpc" else ("--http-port=", "8000")
-    pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    server = None
-    for pid in pids:
+    servers, stubs = [], []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         argv = _argv(pid)
-        if argv and os.path.basename(argv[0]) == "tritonserver":
+        name = os.path.basename(argv[0]) if argv else ""
+        if name == "tritonserver":
             ports = [a[len(flag) :] for a in argv if a.startswith(flag)]
             if (ports[-1] if ports else default) == port:
-                server = int(pid)
-    if server is None:
-        return {}
-    found = {server: "tritonserver"}
-    for pid in pids:
-        fields = _stat(pid)
-        if len(fields) < 2 or fields[1] != str(server):
-            continue
-        argv = _argv(pid)
-        if argv and os.path.basename(argv[0]) == "triton_python_backend_stub" and len(argv) > 1:
+                servers.append(int(pid))
+        elif name == "triton_python_backend_stub" and len(argv) > 1:
             parts = Path(argv[1]).parts  # <repository>/<model>/<version>/model.py
-            found[int(pid)] = parts[-3] if len(parts) >= 3 else "stub"
+            stubs.append((pid, parts[-3] if len(parts) >= 3 else "stub"))
+    if not servers:
+        return {}
+    found = {servers[-1]: "tritonserver"}
+    for pid, model in stubs:
+        fields = _stat(pid)
+        if len(fields) > 1 and fields[1] == str(servers[-1]):  # its parent is the server
+            found[int(pid)] = model
     return found
 
 

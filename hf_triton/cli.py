@@ -430,6 +430,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_triton.build import ONNX_SPIN_MODES  # numpy, no torch: ~50 ms
+    from hf_triton.optimize import KNOBS
+
     parser = argparse.ArgumentParser(prog="hf-triton", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -520,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bu.add_argument(
         "--onnx-spin",
-        choices=["auto", "never", "within-run"],
+        choices=ONNX_SPIN_MODES,
         default="auto",
         help="ONNX steps: what ONNX Runtime's threads do while they wait for work: spin "
         "between the operators of a request and sleep after it (within-run), or always sleep "
@@ -705,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--tune",
         type=_csv(str),
-        default=["instances", "spin", "delay", "batch", "preprocessing", "queue"],
+        default=list(KNOBS),
         help="knobs to search for the winner, in this order: instances (ONNX Runtime or "
         "PyTorch threads split between them), spin (ONNX Runtime's threads spin within a "
         "request), delay (the batcher's), batch (a preferred batch size: what each instance "

@@ -400,12 +400,12 @@ class _Reloader:
         (0: no queue policy; otherwise the one built); ``models``: role (onnx, preprocessing,
         postprocessing, python) -> served model name. A post-processing step gets the batcher's
         settings, as build writes them for every step, and keeps its instances."""
-        counts = {"preprocessing": "preprocessing_instances", "postprocessing": ""}
         for role, model in models.items():
             config = self.config(model)
-            count = counts.get(role, "instances")
-            for group in config.get("instance_group", []) if count else []:
-                group["count"] = values[count]
+            if role != "postprocessing":  # it keeps the instances it was built with
+                key = "preprocessing_instances" if role == "preprocessing" else "instances"
+                for group in config.get("instance_group", []):
+                    group["count"] = values[key]
             if "dynamic_batching" in config:
                 batching = config["dynamic_batching"]
                 batching["max_queue_delay_microseconds"] = values["max_queue_delay_us"]
