@@ -92,6 +92,10 @@ class BenchSettings:
     bare: bool = True
     #: Alternating bare/served rounds for the serving tax (0: skip).
     tax_rounds: int = 3
+    #: Items (images or sentences) each served request carries: 1, as one client's one
+    #: photo or sentence; more, as a client that batches (``client.py --batch``, several
+    #: ``--text``). Bare batches are counted in items alike.
+    items_per_request: int = 1
 
 
 @dataclass
@@ -115,7 +119,7 @@ class Result:
     #: served: model -> {queue, input, infer, output} ms per request of that model, and busy:
     #: the model's instances computing, instance-seconds per second (Triton's statistics)
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: served: model -> requests per execution Triton ran while this was measured
+    #: served: model -> items per execution Triton ran while this was measured
     batch_sizes: dict[str, float] = field(default_factory=dict)
     #: CPU cores this process kept busy meanwhile: served, the load generator's (on a small
     #: machine it competes with the server for the cores bare runs have to themselves); bare,
@@ -124,6 +128,7 @@ class Result:
     #: served, when the server runs on this host: CPU cores its processes kept busy meanwhile,
     #: "tritonserver" and each model's Python-backend stubs (its instances summed) by model name
     server_cores: dict[str, float] = field(default_factory=dict)
+    items_per_request: int = 1  # served: items each request carried (concurrency counts requests)
 
     @property
     def served(self) -> bool:
@@ -140,14 +145,18 @@ class Tax:
     concurrency: int  # the served concurrency of the throughput ratio
     batch: int  # the bare batch of the throughput ratio
     ratios: list[float]  # served ÷ bare throughput, per round
-    added_p50_ms: list[float]  # served p50 - bare p50 at concurrency/batch 1, per round
+    added_p50_ms: list[float]  # served p50 at concurrency 1 - bare p50 at its batch, per round
+    items_per_request: int = 1  # served requests' items; the bare p50 is at this batch
 
     def summary(self) -> str:
         ratio, added = statistics.median(self.ratios), statistics.median(self.added_p50_ms)
+        k = self.items_per_request
+        each = f" of requests of {k} items" if k > 1 else ""
+        one = f" (vs batch {k})" if k > 1 else ""
         return (
             f"  {self.model:<24} served ÷ {self.bare} {ratio:.2f} "
-            f"(rounds {min(self.ratios):.2f}-{max(self.ratios):.2f}; c={self.concurrency} vs "
-            f"batch {self.batch}), p50 added at c=1 {added:+.1f} ms "
+            f"(rounds {min(self.ratios):.2f}-{max(self.ratios):.2f}; c={self.concurrency}{each} "
+            f"vs batch {self.batch}), p50 added at c=1{one} {added:+.1f} ms "
             f"(rounds {min(self.added_p50_ms):+.1f} to {max(self.added_p50_ms):+.1f})"
         )
 
@@ -440,8 +449,10 @@ def discover(url: str, models: list[str], onnx_of: Callable[[str], Path | None])
 
 
 def _onnx_precision(path: Path | None) -> str:
+    """The precision build recorded in ``model.onnx``; "?" when the file is not known here
+    (a running server measured without --onnx, bare runs skipped)."""
     if path is None or not path.exists():
-        return "fp32"
+        return "?"
     import onnx
 
     from hf_triton.precision import PRECISION_KEY
@@ -542,11 +553,25 @@ class Bare:
         return self.spec.encode(examples)
 
 
-def bare_batches(target: Target, concurrency: list[int]) -> list[int]:
-    """Bare batch 1 (latency) and the largest batch the served model can run at the largest
-    concurrency measured: more than its max_batch_size (0: no batching) is nothing serving
-    could match."""
-    return sorted({1, min(max(concurrency), max(target.max_batch, 1))})
+def bare_batches(target: Target, concurrency: list[int], items_per_request: int = 1) -> list[int]:
+    """The bare batch of one request (latency: its items) and the largest batch the served
+    model can run at the largest concurrency measured: more than its max_batch_size (0: no
+    batching) is nothing serving could match."""
+    top = min(max(concurrency) * items_per_request, max(target.max_batch, 1))
+    return sorted({items_per_request, top})
+
+
+def check_items_per_request(targets: list[Target], items: int) -> None:
+    """Refuse requests larger than a model takes, before anything is measured."""
+    if items < 1:
+        raise BenchError(f"--items-per-request {items}: at least 1")
+    for t in targets:
+        if items > max(t.max_batch, 1):
+            raise BenchError(
+                f"--items-per-request {items}: '{t.model}' takes at most {max(t.max_batch, 1)} "
+                f"items per request (its max_batch_size is {t.max_batch}); ask for fewer, or "
+                "build it with a larger --max-batch-size"
+            )
 
 
 def bench_bare(bare: Bare, examples: list[Any], batch: int, settings: BenchSettings) -> Result:
@@ -653,17 +678,24 @@ def _client(protocol: str, url: str):
     return httpclient, httpclient.InferenceServerClient(url=url, conn_limit=256)
 
 
-def _request(target: Target, fmt: str, example: Any, quality: int) -> tuple[str, str, np.ndarray]:
+def _request(
+    target: Target, fmt: str, examples: list[Any], quality: int, items: int = 1
+) -> tuple[str, str, np.ndarray]:
+    """One request's input: ``items`` examples (cycled), as the bare runtime's batch takes
+    them."""
+    chosen = (examples * items)[:items]
     if target.modality == "text":
-        return (*TEXT_FORMAT, np.array([[example.encode()]], dtype=object))
-    return (*FORMATS[fmt], request_tensor(example, fmt, quality))
+        return (*TEXT_FORMAT, np.array([[text.encode()] for text in chosen], dtype=object))
+    return (*FORMATS[fmt], np.concatenate([request_tensor(x, fmt, quality) for x in chosen]))
 
 
 async def bench_served(
-    url: str, target: Target, fmt: str, conc: int, example: Any, settings: BenchSettings
+    url: str, target: Target, fmt: str, conc: int, examples: list[Any], settings: BenchSettings
 ) -> Result:
+    """``conc`` requests outstanding, each of ``settings.items_per_request`` of ``examples``."""
     module, client = _client(settings.protocol, url)
-    name, dtype, data = _request(target, fmt, example, settings.jpeg_quality)
+    items = settings.items_per_request
+    name, dtype, data = _request(target, fmt, examples, settings.jpeg_quality, items)
     try:
 
         async def call() -> None:
@@ -674,13 +706,15 @@ async def bench_served(
         processes = server_processes(url, settings.protocol)
         before = cpu_seconds(processes)
         cpu, wall = time.process_time(), time.perf_counter()
-        windows, lat, errors, stable = await measure(call, conc, settings)
+        windows, lat, errors, stable = await measure(call, conc, settings, items)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         after = cpu_seconds(processes)
     finally:
         await client.close()
-    result = _result(target.model, fmt, conc, windows, lat, errors, payload_bytes(data), stable)
+    per_item = payload_bytes(data) // items
+    result = _result(target.model, fmt, conc, windows, lat, errors, per_item, stable)
     result.precision, result.unit = target.precision, target.unit
+    result.items_per_request = items
     result.client_cores = cpu / wall if wall > 0 else 0.0
     result.server_cores = cores_busy(processes, before, after, wall)
     return result
@@ -699,7 +733,7 @@ def served_answer(
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(url=url, network_timeout=300)
-    name, dtype, data = _request(target, fmt, example, quality)
+    name, dtype, data = _request(target, fmt, [example], quality)
     try:
         tensor = httpclient.InferInput(name, list(data.shape), dtype)
         tensor.set_data_from_numpy(data)
@@ -834,8 +868,8 @@ def breakdown(before: dict, after: dict, wall_s: float) -> dict[str, dict[str, f
 
 
 def batch_sizes(before: dict, after: dict) -> dict[str, float]:
-    """Requests per execution each model ran meanwhile (Triton's inference ÷ execution counts):
-    the batches the server formed, to set beside the bare batch."""
+    """Items per execution each model ran meanwhile (Triton's inference ÷ execution counts; an
+    inference is one item of a batch): the batches the server formed, beside the bare batch."""
     out = {}
     for model in after:
         runs = after[model]["executions"] - before[model]["executions"]
@@ -935,6 +969,13 @@ def report(
             f"{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}{r.p99_ms:>9.1f}{r.errors:>5}"
             f"{r.bytes_per_image / 1e3:>9.1f}  {'yes' if r.stable else 'NO ':<6}  {r.check}"
         )
+    batched_requests = sorted({r.items_per_request for r in results if r.items_per_request > 1})
+    if batched_requests:
+        lines.append(
+            f"Served requests carry {', '.join(map(str, batched_requests))} items each "
+            "(--items-per-request): conc counts requests, items/s items, p50 is a request's; "
+            "bare conc is the batch in items."
+        )
     text = [r for r in results if r.unit == "sentence" and r.tokens_per_item]
     if text:
         lines.append("")
@@ -963,7 +1004,7 @@ def report(
     batched = [r for r in results if r.batch_sizes and r.concurrency > 1]
     if batched:
         lines.append("")
-        lines.append("Requests per batch Triton ran, per step (its statistics; bare: the batch):")
+        lines.append("Items per batch Triton ran, per step (its statistics; bare: the batch):")
         for r in batched:
             sizes = ", ".join(f"{m} {n:.1f}" for m, n in r.batch_sizes.items())
             lines.append(f"  {r.name:<24} {r.input_format:<6} c={r.concurrency:<3} {sizes}")
@@ -1269,6 +1310,7 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
             server.wait_ready(options.ready_timeout_s)
         models = settings.models or entry_models(http_url, admin_key)
         targets = discover(http_url, models, lambda name: onnx_dirs.get(name, onnx_dirs.get("*")))
+        check_items_per_request(targets, settings.items_per_request)
         results, taxes = _measure_targets(url, http_url, targets, settings, progress)
     finally:
         if server is not None:
@@ -1320,7 +1362,7 @@ def _measure_targets(
             )
             if key not in bares:
                 bares[key] = Bare(target)
-                for batch in bare_batches(target, settings.concurrency):
+                for batch in bare_batches(target, settings.concurrency, settings.items_per_request):
                     on = "" if target.device == "cpu" else f" on {target.device}"
                     progress(f"{target.bare} {target.precision} batch {batch}{on} ({target.model})")
                     results.append(bench_bare(bares[key], examples, batch, settings))
@@ -1338,7 +1380,7 @@ def _measure_targets(
                 progress(f"{target.model} {fmt} concurrency {conc}")
                 before = _statistics(http_url, target.steps)
                 start = time.perf_counter()
-                result = asyncio.run(bench_served(url, target, fmt, conc, examples[0], settings))
+                result = asyncio.run(bench_served(url, target, fmt, conc, examples, settings))
                 wall_s = time.perf_counter() - start
                 after = _statistics(http_url, target.steps)
                 result.breakdown = breakdown(before, after, wall_s)
@@ -1375,15 +1417,16 @@ def _tax(
     bares = [r for r in results if r.name == target.bare and r.precision == target.precision]
     batch = max(bares, key=lambda r: r.throughput).concurrency
     quick = dataclasses.replace(settings, min_windows=1, max_windows=2)
-    tax = Tax(target.model, target.bare, top.input_format, top.concurrency, batch, [], [])
+    items = settings.items_per_request
+    tax = Tax(target.model, target.bare, top.input_format, top.concurrency, batch, [], [], items)
     for round_ in range(settings.tax_rounds):
         progress(f"serving tax of {target.model}, round {round_ + 1}/{settings.tax_rounds}")
         b_top = bench_bare(bare, examples, batch, quick)
         s_top = asyncio.run(
-            bench_served(url, target, top.input_format, top.concurrency, examples[0], quick)
+            bench_served(url, target, top.input_format, top.concurrency, examples, quick)
         )
-        b_one = bench_bare(bare, examples, 1, quick)
-        s_one = asyncio.run(bench_served(url, target, top.input_format, 1, examples[0], quick))
+        b_one = bench_bare(bare, examples, items, quick)  # one request's items at once
+        s_one = asyncio.run(bench_served(url, target, top.input_format, 1, examples, quick))
         tax.ratios.append(s_top.throughput / b_top.throughput)
         tax.added_p50_ms.append(s_one.p50_ms - b_one.p50_ms)
     return tax

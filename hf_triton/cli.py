@@ -145,6 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
             max_windows=args.max_windows,
             bare=not args.no_bare,
             tax_rounds=args.tax_rounds,
+            items_per_request=args.items_per_request,
         ),
     )
     result = bench.run(options, _progress())
@@ -641,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="give up on stability (3 windows within 10%%) after this many",
+    )
+    b.add_argument(
+        "--items-per-request",
+        type=int,
+        default=1,
+        help="images or sentences each request carries, as a client that batches sends "
+        "them (at most the model's max_batch_size; default: %(default)s)",
     )
     b.add_argument("--no-bare", action="store_true", help="skip bare ONNX Runtime / PyTorch")
     b.add_argument(

@@ -351,7 +351,7 @@ def _format(target: bench.Target) -> str:
 
 
 def _served(url: str, target: bench.Target, conc: int, example: Any, s: bench.BenchSettings):
-    return asyncio.run(bench.bench_served(url, target, _format(target), conc, example, s))
+    return asyncio.run(bench.bench_served(url, target, _format(target), conc, [example], s))
 
 
 def _measure_round(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_triton import bench
@@ -65,6 +67,84 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
     env = {**os.environ, "HF_TRITON_ADMIN_KEY": ADMIN_KEY}  # lists the models it measures
     return run_cli("bench", *QUICK, "--tax-rounds", "1", *args, timeout=300, env=env)
+
+
+def test_items_per_request_sets_the_bare_batches_and_is_bounded_by_max_batch_size():
+    """Requests of k items: bare runs at batch k (one request's latency) and at the largest
+    batch serving can form; a model is never sent more than its max_batch_size takes."""
+    target = bench.Target("m", "ensemble", "text", "fp32", Path("."), ["p", "m"], max_batch=8)
+    assert bench.bare_batches(target, [1, 2], 4) == [4, 8]
+    assert bench.bare_batches(target, [1], 3) == [3]
+    assert bench.bare_batches(target, [1, 16], 1) == [1, 8]
+    bench.check_items_per_request([target], 8)
+    with pytest.raises(bench.BenchError, match="'m' takes at most 8 items per request"):
+        bench.check_items_per_request([target], 9)
+    unbatched = dataclasses.replace(target, max_batch=0)
+    with pytest.raises(bench.BenchError, match="takes at most 1 items per request"):
+        bench.check_items_per_request([unbatched], 2)
+    with pytest.raises(bench.BenchError, match="at least 1"):
+        bench.check_items_per_request([target], 0)
+    # A request carries k examples, cycled, as the bare batch takes them.
+    name, dtype, data = bench._request(target, "text", ["a", "bb"], 90, items=3)
+    assert (name, dtype) == ("text", "BYTES") and data.tolist() == [[b"a"], [b"bb"], [b"a"]]
+    image = dataclasses.replace(target, modality="image")
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    _, _, data = bench._request(image, "uint8", [pixels], 90, items=2)
+    assert data.shape == (2, 2, 3, 3) and (data == pixels).all()
+    _, _, data = bench._request(image, "jpeg", [pixels], 90, items=2)
+    assert data.shape == (2, 1) and data[0, 0] == data[1, 0] and data[0, 0][:2] == b"\xff\xd8"
+
+
+def test_benchmark_with_several_images_per_request(server, tmp_path):
+    """`--items-per-request 2`: every request carries two images, Triton's statistics show
+    executions of two items, the bare side runs at batch 2 (one request) and 4 (the largest
+    batch two such requests make), and the tax's p50 compares a request with batch 2."""
+    run = run_bench(
+        "--url",
+        server.grpc_url,
+        "--http-url",
+        server.url,
+        "--onnx",
+        str(server.served_onnx),
+        "--models",
+        "ensemble_model",
+        "--formats",
+        "uint8",
+        "--concurrency",
+        "1,2",
+        "--items-per-request",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["name"], r["concurrency"]): r for r in data["results"]}
+    assert set(rows) == {
+        ("bare-onnxruntime", 2),
+        ("bare-onnxruntime", 4),
+        ("ensemble_model", 1),
+        ("ensemble_model", 2),
+    }, set(rows)
+    one = rows[("ensemble_model", 1)]
+    assert one["items_per_request"] == 2 and one["errors"] == 0 and one["check"].startswith("ok")
+    assert one["bytes_per_image"] == 640 * 480 * 3  # per item, not per request
+    # One request at a time: each execution of each step is that request's two images (the
+    # supervisor's probe may slip one single-image request in).
+    assert set(one["batch_sizes"]) == {"preprocessing", "vit"}, one
+    assert all(1.5 < n <= 2.0 for n in one["batch_sizes"].values()), one
+    (tax,) = data["taxes"]
+    assert tax["items_per_request"] == 2 and tax["batch"] in (2, 4), tax
+    assert "Served requests carry 2 items each" in run.stdout
+    assert "p50 added at c=1 (vs batch 2)" in run.stdout
+    # More than the model takes is refused before anything is measured.
+    refused = run_bench(
+        "--url", server.url, "--protocol", "http", "--no-bare", "--models", "ensemble_model",
+        "--items-per-request", "99", "--out", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "'ensemble_model' takes at most 8 items per request" in refused.stdout + refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_bare_runs_where_the_served_instance_runs():
@@ -130,7 +210,7 @@ def test_benchmark_smoke(server, tmp_path):
     assert "CPU cores busy, per process on this host" in run.stdout
     line = r"ensemble_model +uint8 +c=2 +tritonserver [0-9.]+, .*vit [0-9.]+, load generator"
     assert re.search(line, run.stdout), run.stdout
-    assert "Requests per batch Triton ran, per step" in run.stdout
+    assert "Items per batch Triton ran, per step" in run.stdout
     assert {t["model"] for t in data["taxes"]} == {"python_vit", "ensemble_model"}
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
     assert (tmp_path / "results.csv").read_text().startswith("name,")
