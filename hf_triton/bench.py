@@ -9,7 +9,8 @@ same machine and in one process:
   beforehand, at batch 1 and at the largest concurrency's batch;
 * the model served by Triton for each input format (images: fp32, uint8, jpeg; text) at each
   concurrency, with async tritonclient (gRPC or HTTP), after one served answer per format was
-  checked against the bare runtime's;
+  checked against the bare runtime's; a request carries one image or sentence, or
+  ``items_per_request`` of them as a client that batches (the bare batches follow);
 * Triton's own per-step statistics at every concurrency (queue, input, compute, output for
   every model the request passes through), so the serving tax is visible where it is paid;
 * when the server runs on this host, the CPU cores each of its processes (``tritonserver``,
