@@ -1108,16 +1108,18 @@ def plot(results: list[Result], path: Path) -> None:
                     linestyle=styles.get(prec, ":"),
                     label=f"{name} {prec} (best batch)",
                 )
+    sizes = sorted({r.items_per_request for r in results if r.served})
+    each = f", {'/'.join(map(str, sizes))} items each" if sizes and sizes != [1] else ""
     ax_t.set(
         xscale="log",
-        xlabel="concurrency (requests in flight)",
+        xlabel=f"concurrency (requests in flight{each})",
         ylabel="items/s (images or sentences)",
         title="Throughput",
     )
     ax_l.set(
         xscale="log",
         yscale="log",
-        xlabel="concurrency",
+        xlabel=f"concurrency{f' (requests of {each[2:]})' if each else ''}",
         ylabel="ms",
         title="Latency p50 per request",
     )
