@@ -1261,6 +1261,7 @@ def run(options: BenchRun, progress: Callable[[str], None] = log.info) -> BenchR
         raise BenchError("--precisions needs the benchmark's own server (no --url)")
     for prec in options.precisions:  # every item understood before anything is built
         _variant(prec)
+    check_items_per_request([], settings.items_per_request)  # each model's bound: once known
     repositories = options.repositories or list(DEFAULT_REPOSITORIES)
     checkpoint = options.checkpoint or (
         None if options.repositories else checkpoints.DEFAULT_CHECKPOINT

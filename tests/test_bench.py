@@ -349,6 +349,10 @@ def test_unknown_precisions_item_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(bench.BenchError, match="'int8\\+compile': \\+compile follows fp32 or bf16"):
         bench.run(bench.BenchRun(precisions=["int8+compile"], workdir=workdir))
     assert not workdir.exists()
+    with pytest.raises(bench.BenchError, match="--items-per-request 0: at least 1"):
+        settings = bench.BenchSettings(items_per_request=0)
+        bench.run(bench.BenchRun(workdir=workdir, settings=settings))
+    assert not workdir.exists()
 
 
 def test_report_table_keeps_long_model_names_apart_from_their_precision():
