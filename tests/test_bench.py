@@ -69,6 +69,13 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("bench", *QUICK, "--tax-rounds", "1", *args, timeout=300, env=env)
 
 
+def bench_served_models(server, *args: str) -> subprocess.CompletedProcess[str]:
+    """The benchmark on the suite's running server over gRPC, its bare runs on the served
+    model.onnx."""
+    url = ["--url", server.grpc_url, "--http-url", server.url]
+    return run_bench(*url, "--onnx", str(server.served_onnx), *args)
+
+
 def test_items_per_request_sets_the_bare_batches_and_is_bounded_by_max_batch_size():
     """Requests of k items: bare runs at batch k (one request's latency) and at the largest
     batch serving can form; a model is never sent more than its max_batch_size takes."""
@@ -99,13 +106,8 @@ def test_benchmark_with_several_images_per_request(server, tmp_path):
     """`--items-per-request 2`: every request carries two images, Triton's statistics show
     executions of two items, the bare side runs at batch 2 (one request) and 4 (the largest
     batch two such requests make), and the tax's p50 compares a request with batch 2."""
-    run = run_bench(
-        "--url",
-        server.grpc_url,
-        "--http-url",
-        server.url,
-        "--onnx",
-        str(server.served_onnx),
+    run = bench_served_models(
+        server,
         "--models",
         "ensemble_model",
         "--formats",
@@ -160,13 +162,8 @@ def test_bare_runs_where_the_served_instance_runs():
 def test_benchmark_smoke(server, tmp_path):
     """Every entry model of a running server, each format, next to its bare runtime; served
     answers checked against the bare runtime's; Triton's per-step breakdown; the serving tax."""
-    run = run_bench(
-        "--url",
-        server.grpc_url,
-        "--http-url",
-        server.url,
-        "--onnx",
-        str(server.served_onnx),
+    run = bench_served_models(
+        server,
         "--concurrency",
         "1,2",
         "--out",
