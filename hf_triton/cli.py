@@ -191,6 +191,7 @@ def _optimize(args: argparse.Namespace) -> int:
         ),
     )
     options.settings.window_s = args.window_s
+    options.settings.items_per_request = args.items_per_request
     options.settings.warmup_s = min(options.settings.warmup_s, args.window_s)
     report = optimize.run(options, _progress())
     print("\n" + report.text())
@@ -710,6 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="loaded setting: served concurrency and bare batch (default: %(default)s)",
+    )
+    op.add_argument(
+        "--items-per-request",
+        type=int,
+        default=1,
+        help="images or sentences each request carries, as clients that batch send them; the "
+        "bare batch is every request in flight's items, up to --max-batch-size "
+        "(default: %(default)s)",
     )
     op.add_argument("--rounds", type=int, default=2, help="alternating rounds (medians)")
     op.add_argument("--window-s", type=float, default=3.0, help="seconds per measurement")

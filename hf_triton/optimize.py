@@ -53,7 +53,7 @@ class Candidate:
     served: list[float] = field(default_factory=list)  # items/s at the top concurrency
     bare: list[float] = field(default_factory=list)  # items/s at the same batch
     served_p50_ms: list[float] = field(default_factory=list)  # at concurrency 1
-    bare_p50_ms: list[float] = field(default_factory=list)  # at batch 1
+    bare_p50_ms: list[float] = field(default_factory=list)  # at one request's batch
     #: Finalists only: served items/s in the tuned config, in rounds alternating with the
     #: other finalists (what the final choice compares).
     tuned_served: list[float] = field(default_factory=list)
@@ -212,7 +212,8 @@ class OptimizeRun:
     revision: str | None = None
     allow_standin: bool = True
     candidates: list[str] = field(default_factory=list)  # default: all the machine can run
-    concurrency: int = 8  # the loaded setting: served concurrency = bare batch
+    #: The loaded setting: requests in flight; the bare batch is as many requests' items.
+    concurrency: int = 8
     rounds: int = 2  # alternating measurement rounds per candidate (medians reported)
     #: Knobs to search for the winner (empty: keep the built config); see :data:`KNOBS`.
     tune: list[str] = field(default_factory=lambda: list(KNOBS))
@@ -229,6 +230,24 @@ class OptimizeRun:
             window_s=3.0, min_requests=10, warmup_s=1.0, min_windows=1, max_windows=2
         )
     )
+
+    @property
+    def items(self) -> int:
+        """Images or sentences each request carries (``settings.items_per_request``)."""
+        return self.settings.items_per_request
+
+    def bare_batch(self) -> int:
+        """The bare batch the loaded setting is compared with: every request in flight with all
+        its items, at most what the served model can form (its max_batch_size)."""
+        return min(self.concurrency * self.items, self.options.max_batch_size)
+
+    def load(self) -> str:
+        """The loaded setting, in words, for the report."""
+        each = f" of {self.items} items each" if self.items > 1 else ", one item each"
+        return (
+            f"{self.concurrency} requests in flight{each}, against bare batch "
+            f"{self.bare_batch()}; p50 of one request against bare batch {self.items}"
+        )
 
 
 @dataclass
@@ -251,6 +270,7 @@ class OptimizeReport:
     out: Path
     repositories: list[Path] = field(default_factory=list)
     unit: str = "img"
+    load: str = ""  # the loaded setting measured (OptimizeRun.load)
 
     def yardstick(self) -> float:
         fp32 = next((c for c in self.candidates if c.key == YARDSTICK and c.bare), None)
@@ -270,6 +290,7 @@ class OptimizeReport:
         lines = [
             f"Machine: {self.machine.describe()}",
             f"Weights: {self.weights}",
+            *([f"Load: {self.load}"] if self.load else []),
             "",
             f"| candidate | runtime | served {self.unit}/s | bare {self.unit}/s | "
             "served ÷ bare | ÷ fp32 bare ONNX Runtime | p50 c=1 ms (bare) | gate |",
@@ -350,8 +371,8 @@ def _format(target: bench.Target) -> str:
     return "uint8" if target.modality == "image" else "text"
 
 
-def _served(url: str, target: bench.Target, conc: int, example: Any, s: bench.BenchSettings):
-    return asyncio.run(bench.bench_served(url, target, _format(target), conc, [example], s))
+def _served(url: str, target: bench.Target, conc: int, examples: list[Any], s: bench.BenchSettings):
+    return asyncio.run(bench.bench_served(url, target, _format(target), conc, examples, s))
 
 
 def _measure_round(
@@ -360,13 +381,13 @@ def _measure_round(
     target: bench.Target,
     bare: bench.Bare,
     examples: list[Any],
-    conc: int,
-    settings: bench.BenchSettings,
+    options: OptimizeRun,
 ) -> None:
-    b_top = bench.bench_bare(bare, examples, conc, settings)
-    s_top = _served(url, target, conc, examples[0], settings)
-    b_one = bench.bench_bare(bare, examples, 1, settings)
-    s_one = _served(url, target, 1, examples[0], settings)
+    settings = options.settings
+    b_top = bench.bench_bare(bare, examples, options.bare_batch(), settings)
+    s_top = _served(url, target, options.concurrency, examples, settings)
+    b_one = bench.bench_bare(bare, examples, options.items, settings)  # one request's items
+    s_one = _served(url, target, 1, examples, settings)
     if s_top.errors or s_one.errors:
         raise OptimizeError(f"{target.model}: {s_top.errors + s_one.errors} requests failed")
     c.bare.append(b_top.throughput)
@@ -462,9 +483,10 @@ def check_knobs(knobs: list[str]) -> None:
 
 
 def _trial(
-    knob: str, c: Candidate, cores: int, best: dict[str, int], concurrency: int, max_batch: int
+    knob: str, c: Candidate, cores: int, best: dict[str, int], in_flight: int, max_batch: int
 ) -> tuple[str, dict[str, int]] | None:
-    """One change to try on top of the current best (None: it would change nothing)."""
+    """One change to try on top of the current best (None: it would change nothing).
+    ``in_flight``: the items of every request in flight."""
     split = max(1, cores // 2)
     if knob == "instances":
         threads = "torch_threads" if c.approach == "python" else "intra_op_threads"
@@ -479,7 +501,7 @@ def _trial(
     if knob == "batch":
         # The batcher already sends a full batch at once: a preferred size only matters
         # below max_batch_size.
-        size = min(concurrency, max_batch) // best["instances"]
+        size = min(in_flight, max_batch) // best["instances"]
         if not 1 <= size < max_batch:
             return None
         delay = best["max_queue_delay_us"] or 2000
@@ -506,7 +528,7 @@ def tune(
     admin_key: str | None,
     c: Candidate,
     target: bench.Target,
-    example: Any,
+    examples: list[Any],
     options: OptimizeRun,
     cores: int,
     progress: Callable[[str], None],
@@ -532,7 +554,8 @@ def tune(
     trials = []
     try:
         for knob in [k for k in KNOBS if k in options.tune]:
-            step = _trial(knob, c, cores, best, options.concurrency, options.options.max_batch_size)
+            in_flight = options.concurrency * options.items
+            step = _trial(knob, c, cores, best, in_flight, options.options.max_batch_size)
             if step is None:
                 progress(f"tuning {c.key}: {knob}: nothing to try with {best}")
                 continue
@@ -547,7 +570,7 @@ def tune(
                 for side, values in sides:
                     reloader.apply(values, models)
                     measured[side] = _served(
-                        url, target, options.concurrency, example, options.settings
+                        url, target, options.concurrency, examples, options.settings
                     )
                 if measured["new"].errors or measured["old"].errors:
                     raise OptimizeError(f"{target.model}: requests failed while tuning")
@@ -589,7 +612,7 @@ def final_round(
     url: str,
     finalists: list[Candidate],
     by_key: dict[str, bench.Target],
-    example: Any,
+    examples: list[Any],
     options: OptimizeRun,
     progress: Callable[[str], None],
 ) -> None:
@@ -597,7 +620,7 @@ def final_round(
     into ``c.tuned_served``."""
     for round_ in range(options.rounds):
         for c in _rotated(finalists, round_):
-            result = _served(url, by_key[c.key], options.concurrency, example, options.settings)
+            result = _served(url, by_key[c.key], options.concurrency, examples, options.settings)
             if result.errors:
                 raise OptimizeError(f"{c.entry_model}: requests failed in the final round")
             c.tuned_served.append(result.throughput)
@@ -615,6 +638,11 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
     from hf_triton.server import ServerConfig, free_port
 
     check_knobs(options.tune)  # before minutes of building, not after
+    if not 1 <= options.items <= options.options.max_batch_size:
+        raise OptimizeError(
+            f"--items-per-request {options.items}: 1 to the built models' max_batch_size "
+            f"({options.options.max_batch_size}; --max-batch-size raises it)"
+        )
     if options.finalists < 1:
         raise OptimizeError(f"--finalists {options.finalists}: 1 or more candidates to tune")
     machine = hardware.detect()
@@ -695,9 +723,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
         for round_ in range(options.rounds):
             for c in _rotated(built, round_):
                 progress(f"round {round_ + 1}/{options.rounds}: {c.key}")
-                _measure_round(
-                    url, c, by_key[c.key], bares[c.key], examples, options.concurrency, settings
-                )
+                _measure_round(url, c, by_key[c.key], bares[c.key], examples, options)
                 progress(
                     f"  served {c.served[-1]:.2f}/s, bare {c.bare[-1]:.2f}/s; p50 at 1: "
                     f"{c.served_p50_ms[-1]:.1f} ms (bare {c.bare_p50_ms[-1]:.1f})"
@@ -720,7 +746,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
                     config.admin_key,
                     c,
                     by_key[c.key],
-                    first,
+                    examples,
                     options,
                     machine.cores,
                     progress,
@@ -728,7 +754,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
                 kept = [t.change for t in results[c.key][1] if t.kept]
                 c.tuned_config = ", ".join(kept) or "as built"
             if len(finalists) > 1:
-                final_round(url, finalists, by_key, first, options, progress)
+                final_round(url, finalists, by_key, examples, options, progress)
                 winner = max(finalists, key=lambda c: c.median(c.tuned_served))
             tuned, trials = results[winner.key]
         progress(f"chosen: {winner.key}")
@@ -745,6 +771,7 @@ def run(options: OptimizeRun, progress: Callable[[str], None] = log.info) -> Opt
         options.out,
         out_repos,
         "img" if spec.modality == "image" else "sentence",
+        options.load(),
     )
     save(report, options.out)
     return report

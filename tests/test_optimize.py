@@ -332,6 +332,34 @@ def test_finalists_must_be_one_or_more(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_requests_of_several_items_set_the_bare_batches_and_the_preferred_batch(tmp_path):
+    """`--items-per-request K`: the bare batch is every request in flight with its K items, at
+    most max_batch_size; the p50 is one request's against bare batch K; the preferred batch
+    divides the items in flight; K above max_batch_size is refused before anything is built."""
+    one = optimize.OptimizeRun("unused", tmp_path / "out", concurrency=8)
+    assert (one.items, one.bare_batch()) == (1, 8)
+    assert one.load() == (
+        "8 requests in flight, one item each, against bare batch 8; p50 of one request "
+        "against bare batch 1"
+    )
+    four = optimize.OptimizeRun("unused", tmp_path / "out", concurrency=4)
+    four.settings.items_per_request = 4
+    four.options.max_batch_size = 32
+    assert four.bare_batch() == 16
+    four.options.max_batch_size = 8
+    assert four.bare_batch() == 8 and "4 requests in flight of 4 items each" in four.load()
+    c = optimize.Candidate("x", "fp32", "python")
+    best = {"instances": 2, "max_queue_delay_us": 0, "preferred_batch_size": 0}
+    change, _ = optimize._trial("batch", c, 2, best, 2 * 4, 16)  # two requests of four
+    assert change == "preferred batch of 4, waiting up to 2 ms for it"
+    for items in (0, 9):
+        bad = optimize.OptimizeRun("unused", tmp_path / "out")
+        bad.settings.items_per_request = items
+        with pytest.raises(OptimizeError, match=f"--items-per-request {items}: 1 to the built"):
+            optimize.run(bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_reload_gives_a_post_processing_step_the_batcher_settings_and_keeps_its_instances():
     """What build writes for every step of an ensemble (the batcher's delay, preferred batch,
     queue policy) is what tuning measures on every step, post-processing included; instance
