@@ -483,10 +483,16 @@ def check_knobs(knobs: list[str]) -> None:
 
 
 def _trial(
-    knob: str, c: Candidate, cores: int, best: dict[str, int], in_flight: int, max_batch: int
+    knob: str,
+    c: Candidate,
+    cores: int,
+    best: dict[str, int],
+    in_flight: int,
+    max_batch: int,
+    items: int = 1,
 ) -> tuple[str, dict[str, int]] | None:
     """One change to try on top of the current best (None: it would change nothing).
-    ``in_flight``: the items of every request in flight."""
+    ``in_flight``: the items of every request in flight, ``items`` of each request."""
     split = max(1, cores // 2)
     if knob == "instances":
         threads = "torch_threads" if c.approach == "python" else "intra_op_threads"
@@ -502,7 +508,8 @@ def _trial(
         # The batcher already sends a full batch at once: a preferred size only matters
         # below max_batch_size.
         size = min(in_flight, max_batch) // best["instances"]
-        if not 1 <= size < max_batch:
+        size -= size % items  # whole requests: Triton never splits one between batches
+        if not items <= size < max_batch:
             return None
         delay = best["max_queue_delay_us"] or 2000
         return (
@@ -555,7 +562,8 @@ def tune(
     try:
         for knob in [k for k in KNOBS if k in options.tune]:
             in_flight = options.concurrency * options.items
-            step = _trial(knob, c, cores, best, in_flight, options.options.max_batch_size)
+            max_batch = options.options.max_batch_size
+            step = _trial(knob, c, cores, best, in_flight, max_batch, options.items)
             if step is None:
                 progress(f"tuning {c.key}: {knob}: nothing to try with {best}")
                 continue

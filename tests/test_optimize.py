@@ -350,8 +350,12 @@ def test_requests_of_several_items_set_the_bare_batches_and_the_preferred_batch(
     assert four.bare_batch() == 8 and "4 requests in flight of 4 items each" in four.load()
     c = optimize.Candidate("x", "fp32", "python")
     best = {"instances": 2, "max_queue_delay_us": 0, "preferred_batch_size": 0}
-    change, _ = optimize._trial("batch", c, 2, best, 2 * 4, 16)  # two requests of four
+    change, _ = optimize._trial("batch", c, 2, best, 2 * 4, 16, 4)  # two requests of four
     assert change == "preferred batch of 4, waiting up to 2 ms for it"
+    change, _ = optimize._trial("batch", c, 2, best, 3 * 3, 16, 3)  # whole requests only
+    assert change == "preferred batch of 3, waiting up to 2 ms for it"
+    # Four requests of eight, two instances: half of max_batch_size 8 is less than a request.
+    assert optimize._trial("batch", c, 2, best, 4 * 8, 8, 8) is None
     for items in (0, 9):
         bad = optimize.OptimizeRun("unused", tmp_path / "out")
         bad.settings.items_per_request = items
