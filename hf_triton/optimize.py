@@ -503,6 +503,8 @@ def _trial(
             return "ONNX Runtime's threads never spin", {"onnx_spin_within_run": 0}
         return "ONNX Runtime's threads spin within a request", {"onnx_spin_within_run": 1}
     if knob == "delay":
+        if items >= max_batch:  # every request fills a batch: nothing is waited for
+            return None
         return "batcher waits 2 ms for more requests", {"max_queue_delay_us": 2000}
     if knob == "batch":
         # The batcher already sends a full batch at once: a preferred size only matters

@@ -356,6 +356,9 @@ def test_requests_of_several_items_set_the_bare_batches_and_the_preferred_batch(
     assert change == "preferred batch of 3, waiting up to 2 ms for it"
     # Four requests of eight, two instances: half of max_batch_size 8 is less than a request.
     assert optimize._trial("batch", c, 2, best, 4 * 8, 8, 8) is None
+    # A request that fills max_batch_size goes at once: a batcher delay would wait for nothing.
+    assert optimize._trial("delay", c, 2, best, 4 * 8, 8, 8) is None
+    assert optimize._trial("delay", c, 2, best, 4 * 4, 8, 4)[1] == {"max_queue_delay_us": 2000}
     for items in (0, 9):
         bad = optimize.OptimizeRun("unused", tmp_path / "out")
         bad.settings.items_per_request = items
