@@ -561,10 +561,10 @@ def tune(
     if c.approach != "python":
         models = ensemble_roles(target.steps, lambda step: reloader.config(step).get("backend"))
     trials = []
+    in_flight = options.concurrency * options.items
+    max_batch = options.options.max_batch_size
     try:
         for knob in [k for k in KNOBS if k in options.tune]:
-            in_flight = options.concurrency * options.items
-            max_batch = options.options.max_batch_size
             step = _trial(knob, c, cores, best, in_flight, max_batch, options.items)
             if step is None:
                 progress(f"tuning {c.key}: {knob}: nothing to try with {best}")
