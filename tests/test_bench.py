@@ -131,10 +131,12 @@ def test_benchmark_with_several_images_per_request(server, tmp_path):
     one = rows[("ensemble_model", 1)]
     assert one["items_per_request"] == 2 and one["errors"] == 0 and one["check"].startswith("ok")
     assert one["bytes_per_image"] == 640 * 480 * 3  # per item, not per request
-    # One request at a time: each execution of each step is that request's two images (the
-    # supervisor's probe may slip one single-image request in).
+    # One request at a time: each execution of each step is that request's two images. The
+    # supervisor's probes (one image to the ensemble and one to each step, every 30 s) may
+    # run alone, lowering the mean, or join a request's execution: at most two images more.
     assert set(one["batch_sizes"]) == {"preprocessing", "vit"}, one
-    assert all(1.5 < n <= 2.0 for n in one["batch_sizes"].values()), one
+    probed = 2 / one["requests"]
+    assert all(1.5 < n <= 2.0 + probed for n in one["batch_sizes"].values()), one
     (tax,) = data["taxes"]
     assert tax["items_per_request"] == 2 and tax["batch"] in (2, 4), tax
     assert "Served requests carry 2 items each" in run.stdout
