@@ -150,8 +150,10 @@ def launch(
     checkpoint: Path | None = None,
     extra: tuple[str, ...] = (),
     ready_timeout_s: float = READY_TIMEOUT_S,
+    abandon: threading.Event | None = None,
 ) -> Launched:
-    """Start the project's launcher on free ports and wait until the server is ready."""
+    """Start the project's launcher on free ports and wait until the server is ready (or,
+    stopping it, until ``abandon`` is set)."""
     http, grpc = free_port(), free_port()
     argv = [
         sys.executable,
@@ -180,16 +182,18 @@ def launch(
         proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=f, stderr=subprocess.STDOUT)
     launched = Launched(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", workdir, proc, out)
     try:
-        _wait_ready(launched, ready_timeout_s)
+        _wait_ready(launched, ready_timeout_s, abandon)
     except BaseException:
         launched.stop()
         raise
     return launched
 
 
-def _wait_ready(launched: Launched, timeout_s: float) -> None:
+def _wait_ready(launched: Launched, timeout_s: float, abandon: threading.Event | None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if abandon is not None and abandon.is_set():
+            raise RuntimeError(f"abandoned while starting (server at {launched.url})")
         if launched.proc.poll() is not None:
             raise RuntimeError(
                 f"launcher exited with {launched.proc.returncode}:\n{launched.output()}"
@@ -222,7 +226,7 @@ class RunningServer:
         )
 
 
-def _start_server(root: Path, checkpoint: Path) -> RunningServer:
+def _start_server(root: Path, checkpoint: Path, abandon: threading.Event) -> RunningServer:
     """The tutorial's repositories served by the project's launcher with a tiny ViT.
 
     Serves copies of both repositories so the tiny export never lands in the source tree.
@@ -230,7 +234,8 @@ def _start_server(root: Path, checkpoint: Path) -> RunningServer:
     repos = root / "repos"
     for repo in DEFAULT_REPOSITORIES:
         shutil.copytree(repo, repos / repo.name, ignore=shutil.ignore_patterns("*.onnx"))
-    launched = launch([repos / r.name for r in DEFAULT_REPOSITORIES], root / "work", checkpoint)
+    repositories = [repos / r.name for r in DEFAULT_REPOSITORIES]
+    launched = launch(repositories, root / "work", checkpoint, abandon=abandon)
     return RunningServer(
         launched.url,
         launched.grpc_url,
@@ -305,7 +310,9 @@ def _text_checkpoints(root: Path) -> dict[str, Path]:
     }
 
 
-def _start_text_server(root: Path, checkpoints: dict[str, Path]) -> TextServer:
+def _start_text_server(
+    root: Path, checkpoints: dict[str, Path], abandon: threading.Event
+) -> TextServer:
     """The text checkpoints, both approaches, built by the CLI and served by the launcher with
     its defaults on (the supervisor's probe included)."""
     from helpers import run_cli
@@ -334,7 +341,7 @@ def _start_text_server(root: Path, checkpoints: dict[str, Path]) -> TextServer:
     for name, run in zip(checkpoints, runs, strict=True):
         assert run.returncode == 0, run.stdout + run.stderr
         repositories += [root / name / r for r in DEFAULT_REPOSITORIES_NAMES]
-    launched = launch(repositories, root / "work")
+    launched = launch(repositories, root / "work", abandon=abandon)
     return TextServer(
         launched.url,
         launched.grpc_url,
@@ -362,20 +369,24 @@ class SharedServers:
     first phase's tests (BESIDE_THE_BACKGROUND) leave mostly idle once the background
     conformance run is done. The thread waits for that run to end, or for the first test that
     asks for a server, then starts the selected servers one after the other; a test gets its
-    server once it is ready, or the error that starting it raised.
+    server once it is ready, or the error that starting it raised. Stopping (the session's end,
+    Ctrl-C) abandons a start under way.
     """
 
-    def __init__(self, starts: dict[str, Callable[[], Any]], after: Background | None) -> None:
+    def __init__(
+        self, starts: dict[str, Callable[[threading.Event], Any]], after: Background | None
+    ) -> None:
         self._asked = threading.Event()
+        self._stopping = threading.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shared-servers")
         self._started = {
             name: self._pool.submit(self._start, start, after) for name, start in starts.items()
         }
 
-    def _start(self, start: Callable[[], Any], after: Background | None) -> Any:
+    def _start(self, start: Callable[[threading.Event], Any], after: Background | None) -> Any:
         while after is not None and after.proc.poll() is None and not self._asked.is_set():
             self._asked.wait(1.0)
-        return start()
+        return start(self._stopping)
 
     def get(self, name: str) -> Any:
         self._asked.set()
@@ -385,6 +396,7 @@ class SharedServers:
         """Servers not started yet never start; the others stop (SIGINT, as a user stops one)."""
         for started in self._started.values():
             started.cancel()
+        self._stopping.set()
         self._asked.set()
         for started in self._started.values():
             if not started.cancelled() and started.exception() is None:
@@ -400,15 +412,15 @@ def shared_servers(
 ) -> Iterator[SharedServers]:
     """Starts the shared servers the selected tests use, ahead of them (SharedServers)."""
     used = {name for item in request.session.items for name in item.fixturenames}
-    starts: dict[str, Callable[[], Any]] = {}
+    starts: dict[str, Callable[[threading.Event], Any]] = {}
     if "server" in used:
         vit_root = tmp_path_factory.mktemp("serve")
         checkpoint = request.getfixturevalue("tiny_checkpoint")
-        starts["server"] = lambda: _start_server(vit_root, checkpoint)
+        starts["server"] = lambda abandon: _start_server(vit_root, checkpoint, abandon)
     if "text_server" in used:
         text_root = tmp_path_factory.mktemp("text")
         checkpoints = _text_checkpoints(text_root)
-        starts["text_server"] = lambda: _start_text_server(text_root, checkpoints)
+        starts["text_server"] = lambda abandon: _start_text_server(text_root, checkpoints, abandon)
     servers = SharedServers(starts, conformance_run)
     try:
         yield servers
