@@ -841,13 +841,24 @@ def main(argv: list[str] | None = None) -> int:
     # replaces this with its own handlers (stop and unload, then exit 0).
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that left shows here, not as a traceback at exit
+        return code
     except HfTritonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Terminated:
         print("Stopped by SIGTERM.", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _reader_left() -> int:
+    """stdout's reader went away (`hf-triton inspect ... | head`): stop quietly, as Unix tools
+    do; the command's `finally` blocks (servers it started) have run."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

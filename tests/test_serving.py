@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -9,6 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+from hf_triton.serve import PROJECT_ROOT
 
 from conftest import ADMIN_HEADERS
 from helpers import ATOL, MODELS, OUTPUTS, assert_close, infer, run_cli, run_client, synthetic
@@ -135,6 +141,34 @@ def test_inspect_served_model_and_onnx_file(server):
     local = run_cli("inspect", str(onnx), timeout=60)
     assert local.returncode == 0, local.stderr
     assert "pixel_values" in local.stdout and "batch_size" in local.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["client.py", "--model_name", "ensemble_model"],
+        ["-m", "hf_triton.cli", "inspect", "ensemble_model"],
+    ],
+    ids=["client", "cli"],
+)
+def test_output_into_a_closed_pipe_stops_quietly(server, argv):
+    """`client.py ... | head`, `hf-triton inspect ... | head`: once the reader has gone, the
+    command stops with SIGPIPE's status and no traceback, as Unix tools do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line
+    try:
+        run = subprocess.run(
+            [sys.executable, *argv, "--url", server.url],
+            cwd=PROJECT_ROOT,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert run.returncode == 128 + signal.SIGPIPE, run.stderr
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
 
 
 def test_liveness_probe_passes_on_a_healthy_server(server, monkeypatch):
