@@ -808,9 +808,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+class _Progress(logging.StreamHandler):
+    """Progress lines on stdout. Once stdout's reader has gone (`| head`), a line logged on the
+    main thread stops the command as a print does (main: SIGPIPE's status); other threads' lines
+    are dropped. Not logging's traceback for every line that follows."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            if threading.current_thread() is threading.main_thread():
+                raise
+            return
+        super().handleError(record)
+
+
 def _configure_logging(verbose: bool) -> None:
     """The package's INFO messages are the launcher's progress: plain lines on stdout."""
-    console = logging.StreamHandler(sys.stdout)
+    console = _Progress(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     package = logging.getLogger("hf_triton")
     package.addHandler(console)
