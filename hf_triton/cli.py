@@ -70,31 +70,30 @@ def _serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     def ready() -> None:
-        print(
+        _say(
             f"Ready in {time.monotonic() - started:.1f} s on {server.http_url} "
             f"(gRPC {config.host}:{config.grpc_port}, metrics {config.host}:{config.metrics_port})"
         )
         for name, state in sorted(server.model_states().items()):
-            print(f"  {name:<16} {state}")
-        print(
+            _say(f"  {name:<16} {state}")
+        _say(
             f"Restricted APIs ({', '.join(config.restricted_apis)}) need the header "
             f"'admin-key: <key in {key_file}>' (gRPC: 'triton-grpc-protocol-admin-key')"
         )
-        print(f"Try: python client.py --model_name {models[0]}   (Ctrl-C stops the server)")
+        _say(f"Try: python client.py --model_name {models[0]}   (Ctrl-C stops the server)")
         if supervisor.interval_s > 0:
-            print(
+            _say(
                 f"Probing {', '.join(models)} with a real inference every "
                 f"{supervisor.interval_s:g} s; a dead model restarts the server."
             )
-        sys.stdout.flush()
 
-    print(f"Starting Triton (log: {server.log_path}) ...", flush=True)
+    _say(f"Starting Triton (log: {server.log_path}) ...")
     supervisor.run(stop, args.ready_timeout_s, on_ready=ready)
     if stop.is_set():
-        print(f"Stopped (exit code {server.returncode}).")
+        _say(f"Stopped (exit code {server.returncode}).")
         note = server.stop_note()
         if note:
-            print(note)
+            _say(note)
     return 0
 
 
@@ -350,7 +349,12 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    """A progress line on stdout. Once stdout's reader has gone, nowhere: the command goes on (a
+    server serves on), as with _Progress's lines."""
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        _stdout_to_devnull()
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -809,16 +813,23 @@ def _quiet_transformers() -> None:
 
 
 class _Progress(logging.StreamHandler):
-    """Progress lines on stdout. Once stdout's reader has gone (`| head`), a line logged on the
-    main thread stops the command as a print does (main: SIGPIPE's status); other threads' lines
-    are dropped. Not logging's traceback for every line that follows."""
+    """Progress lines on stdout. Once stdout's reader has gone (`hf-triton serve | head`, a log
+    shipper that stopped), stdout becomes /dev/null and the command goes on: a server serves on,
+    and the `finally` blocks that stop servers are never interrupted by a line they log. Not
+    logging's traceback for every line that follows. (A print that meets the closed pipe first
+    stops the command instead: main, SIGPIPE's status.)"""
 
     def handleError(self, record: logging.LogRecord) -> None:
         if isinstance(sys.exc_info()[1], BrokenPipeError):
-            if threading.current_thread() is threading.main_thread():
-                raise
+            _stdout_to_devnull()
             return
         super().handleError(record)
+
+
+def _stdout_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -870,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
 def _reader_left() -> int:
     """stdout's reader went away (`hf-triton inspect ... | head`): stop quietly, as Unix tools
     do; the command's `finally` blocks (servers it started) have run."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+    _stdout_to_devnull()  # what is left to flush at exit goes nowhere
     return 128 + signal.SIGPIPE
 
 

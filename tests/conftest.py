@@ -151,9 +151,11 @@ def launch(
     extra: tuple[str, ...] = (),
     ready_timeout_s: float = READY_TIMEOUT_S,
     abandon: threading.Event | None = None,
+    stdout: int | None = None,
 ) -> Launched:
     """Start the project's launcher on free ports and wait until the server is ready (or,
-    stopping it, until ``abandon`` is set)."""
+    stopping it, until ``abandon`` is set). Its output goes to ``workdir/launcher.out``
+    (stdout to the file descriptor ``stdout`` instead, when given)."""
     http, grpc = free_port(), free_port()
     argv = [
         sys.executable,
@@ -179,7 +181,12 @@ def launch(
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "launcher.out"
     with out.open("wb") as f:
-        proc = subprocess.Popen(argv, cwd=PROJECT_ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv,
+            cwd=PROJECT_ROOT,
+            stdout=f if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else f,
+        )
     launched = Launched(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", workdir, proc, out)
     try:
         _wait_ready(launched, ready_timeout_s, abandon)

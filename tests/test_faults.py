@@ -57,6 +57,26 @@ def fault_server(tmp_path_factory, tiny_checkpoint) -> Iterator[Launched]:
         launched.stop()
 
 
+def test_serving_goes_on_when_the_reader_of_its_output_leaves(tmp_path, tiny_checkpoint):
+    """`hf-triton serve | head`, or a log shipper that stops: once stdout's reader has gone, the
+    launcher's progress lines go nowhere (no traceback per line), the server serves on, and
+    Ctrl-C still stops it cleanly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line
+    try:
+        launched = launch([FAULT_REPOSITORY], tmp_path / "work", tiny_checkpoint, stdout=write_end)
+    finally:
+        os.close(write_end)
+    try:
+        np.testing.assert_array_equal(double(launched.url, np.array([[3.0]])), [[6.0]])
+    finally:
+        code = launched.stop()
+    stderr = launched.output()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert "successfully unloaded" in launched.log()
+
+
 def test_execute_exception_is_a_500_and_next_request_works(fault_server):
     with pytest.raises(InferenceServerException, match="injected failure: x contains -1") as e:
         double(fault_server.url, np.array([[1.0, -1.0]]))

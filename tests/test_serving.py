@@ -15,7 +15,6 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from hf_triton.serve import PROJECT_ROOT
-from hf_triton.server import free_port
 
 from conftest import ADMIN_HEADERS
 from helpers import ATOL, MODELS, OUTPUTS, assert_close, infer, run_cli, run_client, synthetic
@@ -156,16 +155,6 @@ def test_output_into_a_closed_pipe_stops_quietly(server, argv):
     """`client.py ... | head`, `hf-triton inspect ... | head`: once the reader has gone, the
     command stops with SIGPIPE's status and no traceback, as Unix tools do."""
     _stops_quietly_into_a_closed_pipe([*argv, "--url", server.url])
-
-
-def test_progress_into_a_closed_pipe_stops_quietly(tmp_path, tiny_checkpoint):
-    """The same where the first line is the CLI's logged progress (`hf-triton serve | head`):
-    it stops at that line, before any server starts, not with logging's traceback per line."""
-    work = tmp_path / "work"
-    argv = ["-m", "hf_triton.cli", "serve", "--checkpoint", str(tiny_checkpoint)]
-    ports = [f"--{kind}-port={free_port()}" for kind in ("http", "grpc", "metrics")]
-    _stops_quietly_into_a_closed_pipe([*argv, *ports, "--workdir", str(work)])
-    assert not (work / "tritonserver.log").exists()
 
 
 def _stops_quietly_into_a_closed_pipe(argv: list[str]) -> None:
