@@ -57,8 +57,8 @@ class Supervisor:
 
     def _fatal(self, failures: list[probe.ProbeFailed]) -> list[str]:
         for failure in failures:
-            if not failure.fatal:
-                self.on_event(f"warning: {failure}")
+            if not failure.fatal:  # a full queue, a slow answer: alive, a restart would not help
+                self.on_event(f"warning: {failure} (the model is alive: no restart)")
         return [str(f) for f in failures if f.fatal]
 
     def recover(self, reason: str, stop: threading.Event | None = None) -> float | None:
